@@ -1,0 +1,23 @@
+"""regopt: large-batch SGD with the generalization of small-batch SGD.
+
+Drop-in ``torch.optim.Optimizer`` subclasses that split each batch into micro-batches
+and penalize the average micro-batch gradient norm (GN), the Fisher trace (FT) or the
+Jacobian (AJ, UJ), or graft a small-batch step length onto the large-batch direction,
+after Novack et al., "Disentangling the Mechanisms Behind Implicit Regularization in
+SGD", ICLR 2023.
+"""
+
+from .grafting import GradNormRecorder, GraftedSGD
+from .optimizers import FisherTraceSGD, GradNormSGD, JacobianRegSGD, MicroBatchSGD
+from .stats import StepStats
+
+__all__ = [
+    "FisherTraceSGD",
+    "GradNormRecorder",
+    "GradNormSGD",
+    "GraftedSGD",
+    "JacobianRegSGD",
+    "MicroBatchSGD",
+    "StepStats",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,144 @@
+"""Split a batch into micro-batches and call the user's closure on each.
+
+A batch is a Tensor, a tuple/list of Tensors, or a dict of Tensors, every leaf
+sharing the leading (batch) size B. It is cut along dim 0 into consecutive
+micro-batches M_1..M_k of ``micro_batch_size`` examples (the last may be
+smaller), k = ceil(B / |M|), with weights w_j = |M_j| / B so that
+Σ_j w_j L_j is the mean loss over the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+Batch = Tensor | Sequence[Tensor] | Mapping[str, Tensor]
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    """One slice ``[start, stop)`` of the batch, with its weight w_j = |M_j| / B."""
+
+    index: int
+    start: int
+    stop: int
+    weight: float
+    data: Batch
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+    def describe(self, count: int) -> str:
+        return f"micro-batch {self.index} of {count} (examples {self.start}:{self.stop})"
+
+
+@dataclass(frozen=True)
+class ClosureOutput:
+    """What the closure returned: the mean loss over the micro-batch, and its logits if given."""
+
+    loss: Tensor
+    logits: Tensor | None
+
+
+def check_micro_batch_size(micro_batch_size: Any) -> int:
+    if isinstance(micro_batch_size, bool) or not isinstance(micro_batch_size, int) or micro_batch_size < 1:
+        raise ValueError(f"Invalid micro_batch_size: {micro_batch_size!r} (expected a positive int)")
+    return micro_batch_size
+
+
+def _leaves(batch: Any) -> list[tuple[str, Any]]:
+    if isinstance(batch, Tensor):
+        return [("batch", batch)]
+    if isinstance(batch, Mapping):
+        return [(f"batch[{key!r}]", value) for key, value in batch.items()]
+    if isinstance(batch, (tuple, list)):
+        return [(f"batch[{i}]", value) for i, value in enumerate(batch)]
+    raise TypeError(
+        f"batch must be a Tensor, a tuple/list of Tensors or a dict of Tensors, got {type(batch).__name__}"
+    )
+
+
+def batch_size(batch: Any) -> int:
+    """The leading size B shared by every leaf of ``batch``; raises on any malformed batch."""
+    leaves = _leaves(batch)
+    if not leaves:
+        raise ValueError("batch is empty: expected at least one Tensor")
+    for name, leaf in leaves:
+        if not isinstance(leaf, Tensor):
+            raise TypeError(f"{name} must be a Tensor, got {type(leaf).__name__}")
+        if leaf.dim() == 0:
+            raise ValueError(f"{name} is 0-dimensional: expected a leading batch dimension")
+    sizes = {name: leaf.shape[0] for name, leaf in leaves}
+    if len(set(sizes.values())) > 1:
+        listed = ", ".join(f"{name}: {size}" for name, size in sizes.items())
+        raise ValueError(f"batch leaves disagree on the leading (batch) size: {listed}")
+    size = next(iter(sizes.values()))
+    if size == 0:
+        raise ValueError("batch is empty: the leading (batch) size is 0, expected at least 1")
+    return size
+
+
+def _slice(batch: Batch, start: int, stop: int) -> Batch:
+    if isinstance(batch, Tensor):
+        return batch[start:stop]
+    if isinstance(batch, Mapping):
+        return {key: value[start:stop] for key, value in batch.items()}
+    return tuple(value[start:stop] for value in batch)
+
+
+def split_batch(batch: Batch, micro_batch_size: int, total_size: int | None = None) -> list[MicroBatch]:
+    """Consecutive disjoint micro-batches of ``batch`` with weights |M_j| / total_size.
+
+    ``total_size`` defaults to this batch's size B; a distributed step passes the
+    global size so that weights sum to one over all ranks.
+    """
+    size = batch_size(batch)
+    total = size if total_size is None else total_size
+    return [
+        MicroBatch(index, start, min(start + micro_batch_size, size), min(micro_batch_size, size - start) / total,
+                   _slice(batch, start, min(start + micro_batch_size, size)))
+        for index, start in enumerate(range(0, size, micro_batch_size))
+    ]
+
+
+def call_closure(closure: Callable[..., Any], micro: MicroBatch, count: int) -> ClosureOutput:
+    """``closure(*parts)``, ``closure(**parts)`` or ``closure(t)`` under grad mode, with its result checked."""
+    with torch.enable_grad():
+        if isinstance(micro.data, Tensor):
+            result = closure(micro.data)
+        elif isinstance(micro.data, Mapping):
+            result = closure(**micro.data)
+        else:
+            result = closure(*micro.data)
+    where = micro.describe(count)
+    logits = None
+    if isinstance(result, tuple):
+        if len(result) != 2:
+            raise TypeError(
+                f"closure returned a tuple of length {len(result)} on {where}: expected a loss or (loss, logits)"
+            )
+        result, logits = result
+        if not isinstance(logits, Tensor) or logits.dim() != 2 or logits.shape[0] != micro.size:
+            shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+            raise TypeError(
+                f"closure returned logits of shape {shape} on {where}: expected a Tensor of shape [{micro.size}, C]"
+            )
+    if not isinstance(result, Tensor):
+        raise TypeError(
+            f"closure returned {type(result).__name__} on {where}: expected a 0-dim loss Tensor or (loss, logits)"
+        )
+    if result.dim() != 0:
+        raise ValueError(
+            f"closure returned a loss of shape {tuple(result.shape)} on {where}: expected a 0-dim mean loss"
+        )
+    if not result.requires_grad:
+        raise ValueError(
+            f"closure returned a loss that does not require grad on {where}: "
+            "compute it from the parameters, outside torch.no_grad()"
+        )
+    return ClosureOutput(result, logits)

@@ -1,0 +1,137 @@
+"""One step's gradient work: split → per micro-batch (closure, g_j, R_j, ∇R_j) → weighted sums.
+
+    G = Σ_j w_j g_j,   P = Σ_j w_j ∇R_j,
+    loss = Σ_j w_j L_j,   penalty = Σ_j w_j R_j,   micro_grad_sq_norm = Σ_j w_j ‖g_j‖²
+
+Every micro-batch is forwarded once in train mode (the finite-difference pass
+runs with buffers frozen), its graph is freed before the next one starts, and
+nothing here synchronizes with the host. The optimizers turn G and P into the
+applied gradient and hand it to torch.optim.SGD's update.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor
+
+from . import hvp
+from .batching import MicroBatch, call_closure
+from .penalties import Penalty
+
+
+@dataclass(frozen=True)
+class Accumulation:
+    """Weighted sums over one step's micro-batches (this process's share, before any all-reduce).
+
+    ``terms[j] = (L_j, R_j, ‖g_j‖²)`` per micro-batch, kept for the finiteness check;
+    ``sums = (Σ w L, Σ w R, Σ w ‖g‖², Σ_j ‖g_j‖, k)`` as one float tensor.
+    """
+
+    grad: list[Tensor]
+    penalty_grad: list[Tensor] | None
+    terms: Tensor
+    sums: Tensor
+
+    @property
+    def loss(self) -> Tensor:
+        return self.sums[0]
+
+    @property
+    def penalty(self) -> Tensor:
+        return self.sums[1]
+
+    @property
+    def micro_grad_sq_norm(self) -> Tensor:
+        return self.sums[2]
+
+    @property
+    def mean_micro_grad_norm(self) -> Tensor:
+        """mean_j ‖g_j‖, the small-batch step length s of iterative grafting."""
+        return self.sums[3] / self.sums[4]
+
+    def reduced(self, grad: list[Tensor], penalty_grad: list[Tensor] | None, sums: Tensor) -> "Accumulation":
+        return replace(self, grad=grad, penalty_grad=penalty_grad, sums=sums)
+
+
+def _weighted_add(total: list[Tensor] | None, term: list[Tensor], weight: float) -> list[Tensor]:
+    if total is None:
+        return torch._foreach_mul(term, weight)
+    torch._foreach_add_(total, term, alpha=weight)
+    return total
+
+
+def _rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def _set_rng_state(state: tuple[Tensor, Tensor | None], device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def accumulate(
+    closure: Callable[..., object],
+    micro_batches: Sequence[MicroBatch],
+    params: Sequence[Tensor],
+    penalty: Penalty | None = None,
+    method: str = "exact",
+    generator: torch.Generator | None = None,
+    fd_eps: float = 1e-2,
+) -> Accumulation:
+    """Run the closure on each micro-batch and sum the weighted gradients and statistics."""
+    count = len(micro_batches)
+    differentiate = hvp.METHODS[method]
+    grad_sum = penalty_grad_sum = None
+    losses, penalties, grad_sq_norms = [], [], []
+    device = params[0].device
+    # The finite-difference pass replays the closure's random draws (dropout masks) exactly.
+    replays_closure = penalty is not None and method == "finite_difference"
+    for micro in micro_batches:
+        rng_before = _rng_state(device) if replays_closure else None
+        out = call_closure(closure, micro, count)
+        if penalty is None:
+            loss_grad = hvp.gradient(out.loss, params)
+            penalties.append(torch.zeros((), device=out.loss.device, dtype=out.loss.dtype))
+        else:
+            if penalty.needs_logits and out.logits is None:
+                raise TypeError(
+                    f"the {penalty.name} penalty needs the logits: the closure must return (loss, logits), "
+                    "e.g. `def closure(x, y): logits = model(x); return F.cross_entropy(logits, y), logits`"
+                )
+            draw = penalty.sample(out.logits, generator)
+
+            def gradient_at_shift() -> list[Tensor]:
+                # fork_rng leaves the RNG as the first pass left it, whatever the replay draws;
+                # buffers are restored only after the backward, which may have saved them.
+                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), hvp.frozen_buffers():
+                    _set_rng_state(rng_before, device)
+                    shifted = call_closure(closure, micro, count)
+                    return hvp.gradient(penalty.scalar(shifted.loss, shifted.logits, draw), params)
+
+            grads = differentiate(out.loss, penalty.scalar(out.loss, out.logits, draw), params, gradient_at_shift, fd_eps)
+            loss_grad = grads.loss_grad
+            penalties.append(grads.penalty)
+            penalty_grad_sum = _weighted_add(penalty_grad_sum, grads.penalty_grad, micro.weight)
+        losses.append(out.loss.detach())
+        grad_sq_norms.append(hvp.squared_norm(loss_grad))
+        grad_sum = _weighted_add(grad_sum, loss_grad, micro.weight)
+        del out, loss_grad  # free this micro-batch's graph before the next forward
+    terms = torch.stack([torch.stack(losses), torch.stack(penalties), torch.stack(grad_sq_norms)], dim=1)
+    weights = torch.tensor([m.weight for m in micro_batches], dtype=terms.dtype).to(terms.device, non_blocking=True)
+    sums = torch.cat([weights @ terms, terms[:, 2].sqrt().sum().unsqueeze(0), terms.new_tensor([count])])
+    return Accumulation(grad_sum, penalty_grad_sum, terms, sums)
+
+
+def first_nonfinite(acc: Accumulation, micro_batches: Sequence[MicroBatch]) -> str | None:
+    """Describe the first non-finite term (one host sync), or None when all are finite."""
+    finite = torch.isfinite(acc.terms)
+    if bool(finite.all()):
+        return None
+    j, column = (int(i) for i in (~finite).nonzero()[0])
+    term = ("loss L_j", "penalty R_j", "loss gradient squared norm ‖g_j‖²")[column]
+    value = acc.terms[j, column].item()
+    return f"non-finite {term} ({value}) on {micro_batches[j].describe(len(micro_batches))}"

@@ -1,0 +1,100 @@
+"""Gradient grafting: the large-batch direction with a small-batch step length (global, not per layer).
+
+    θ ← SGD_update(θ, s · G/‖G‖),   G = Σ_j w_j g_j
+
+| mode | s |
+|---|---|
+| ``"iterative"`` | mean_j ‖g_j‖ over this step's own micro-batches |
+| ``"external"`` | ``norms[t]`` (or ``norms(t)``) at step t, recorded from a small-batch run |
+| ``"normalized"`` (NGD) | 1 |
+
+With momentum 0 and no weight decay the step is exactly θ − lr · s · G/‖G‖; ‖G‖ = 0
+gives a zero step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import ParamsT
+
+from . import hvp
+from .engine import Accumulation
+from .optimizers import MicroBatchSGD
+
+Norms = Sequence[float] | Callable[[int], float]
+MODES = ("iterative", "external", "normalized")
+
+
+class GraftedSGD(MicroBatchSGD):
+    """Grafted SGD (iterative / external grafting) and normalized GD (NGD); see the module docstring.
+
+    Args (besides MicroBatchSGD's):
+        mode: ``"iterative"``, ``"external"`` or ``"normalized"``.
+        norms: for ``mode="external"`` only: a sequence indexed by step, or a callable
+            ``t -> float``; record one with :class:`GradNormRecorder`.
+    """
+
+    def __init__(self, params: ParamsT, lr: float | Tensor = 1e-3, *args: Any, mode: str = "iterative",
+                 norms: Norms | None = None, **kwargs: Any) -> None:
+        if mode not in MODES:
+            raise ValueError(f"Invalid mode: {mode!r} (expected one of {', '.join(map(repr, MODES))})")
+        if mode == "external" and not (callable(norms) or isinstance(norms, Sequence)):
+            raise TypeError(f"mode='external' needs norms: a sequence or a callable t -> float, got {norms!r}")
+        if mode != "external" and norms is not None:
+            raise ValueError(f"norms is only used with mode='external', got mode={mode!r}")
+        super().__init__(params, lr, *args, **kwargs)
+        self.mode = mode
+        self.norms = norms
+
+    def _step_length(self, acc: Accumulation) -> Tensor | float:
+        if self.mode == "iterative":
+            return acc.mean_micro_grad_norm
+        if self.mode == "normalized":
+            return 1.0
+        t = self.step_count
+        if callable(self.norms):
+            length = self.norms(t)
+        elif t < len(self.norms):
+            length = self.norms[t]
+        else:
+            raise IndexError(f"norms has {len(self.norms)} entries but step {t} needs norms[{t}]: record a longer run")
+        length = float(length)
+        if not math.isfinite(length) or length < 0:
+            raise ValueError(f"Invalid norms[{t}]: {length} (expected a finite number >= 0)")
+        return length
+
+    def _applied_gradient(self, acc: Accumulation, grad_norm: Tensor) -> list[Tensor]:
+        """s · G/‖G‖, and 0 where ‖G‖ = 0."""
+        scale = torch.where(grad_norm > 0, self._step_length(acc) / grad_norm, torch.zeros_like(grad_norm))
+        torch._foreach_mul_(acc.grad, scale)
+        return acc.grad
+
+
+class GradNormRecorder:
+    """Record ‖.grad‖ after every step of ``optimizer`` (a step post-hook, no host sync).
+
+    Run small-batch SGD (``torch.optim.SGD`` or ``MicroBatchSGD`` with
+    ``micro_batch_size`` equal to the batch size) with a recorder attached, then feed
+    ``recorder.norms()`` to ``GraftedSGD(mode="external", norms=...)``.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self._norms: list[Tensor] = []
+        self._handle = optimizer.register_step_post_hook(self._record)
+
+    def _record(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        self._norms.append(hvp.squared_norm(grads).sqrt().detach())
+
+    def norms(self) -> list[float]:
+        """The recorded norms, one per step, as floats (one host sync)."""
+        return torch.stack(self._norms).tolist() if self._norms else []
+
+    def remove(self) -> None:
+        """Stop recording."""
+        self._handle.remove()

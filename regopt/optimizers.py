@@ -1,0 +1,231 @@
+"""The optimizers: thin compositions of the batching, penalty, differentiation and update parts.
+
+Every optimizer here takes one step per batch B, split into micro-batches M_j of
+``micro_batch_size`` examples with weights w_j = |M_j| / |B|:
+
+    θ ← SGD_update(θ, Σ_j w_j ∇_θ [L_j(θ) + λ R_j(θ)])
+
+where SGD_update is exactly torch.optim.SGD's rule and R_j = ‖∇_θ S_j‖² for the
+optimizer's scalar S_j (see :mod:`regopt.penalties`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from numbers import Real
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import ParamsT
+
+from . import hvp, penalties
+from .batching import Batch, check_micro_batch_size, split_batch
+from .engine import Accumulation, accumulate, first_nonfinite
+from .penalties import Penalty
+from .stats import StepStats
+from .update import sgd_update
+
+_STATE_KEY = "regopt"  # optimizer.state entry for what is not per parameter: step count, generator
+
+
+def check_hyperparameter(value: Any, name: str) -> None:
+    """Reject a negative or non-finite ``value`` as torch.optim.SGD words it: "Invalid <name>: <value>"."""
+    number = value.item() if isinstance(value, Tensor) and value.numel() == 1 else value
+    if isinstance(number, bool) or not isinstance(number, Real):
+        raise TypeError(f"Invalid {name}: {value!r} (expected a finite number >= 0)")
+    if not math.isfinite(number) or number < 0:
+        raise ValueError(f"Invalid {name}: {value} (expected a finite number >= 0)")
+
+
+class MicroBatchSGD(torch.optim.SGD):
+    r"""Large-batch SGD over micro-batches ("LB SGD", the paper's baseline).
+
+    .. math::
+        G = \sum_j w_j \nabla_\theta L_j(\theta), \qquad \theta \leftarrow \mathrm{SGD\_update}(\theta, G)
+
+    Each micro-batch is forwarded once in train mode (so BatchNorm statistics are
+    per micro-batch, "ghost" batch norm) and its graph is freed before the next.
+
+    Args:
+        params, lr, momentum, dampening, weight_decay, nesterov, maximize, foreach, fused:
+            as in :class:`torch.optim.SGD`.
+        micro_batch_size: |M|, examples per micro-batch (the last may be smaller).
+
+    ``step(closure, batch)`` calls ``closure(*parts)`` (tuple/list batch), ``closure(**parts)``
+    (dict) or ``closure(t)`` (tensor) once per micro-batch; the closure returns the mean
+    loss over it, or ``(loss, logits)``. ``step`` returns Σ_j w_j L_j (detached), leaves the
+    applied gradient in ``.grad`` and its measurements in ``self.stats``
+    (:class:`~regopt.StepStats`). On bad input it raises and changes nothing.
+    """
+
+    _penalty: Penalty | None = None
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-3,
+        momentum: float = 0,
+        dampening: float = 0,
+        weight_decay: float | Tensor = 0,
+        nesterov: bool = False,
+        *,
+        micro_batch_size: int,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+    ) -> None:
+        if not (isinstance(lr, Tensor) and lr.numel() != 1):  # SGD words that case itself
+            check_hyperparameter(lr, "learning rate")
+        check_hyperparameter(momentum, "momentum value")
+        check_hyperparameter(weight_decay, "weight_decay value")
+        self.micro_batch_size = check_micro_batch_size(micro_batch_size)
+        super().__init__(params, lr, momentum, dampening, weight_decay, nesterov,
+                         maximize=maximize, foreach=foreach, fused=fused)
+        self.method = "exact"
+        self.fd_eps = 1e-2
+        self.generator: torch.Generator | None = None
+        self.stats: StepStats | None = None
+
+    # -- state ------------------------------------------------------------------------
+    @property
+    def step_count(self) -> int:
+        """Optimizer steps taken so far (part of ``state_dict()``)."""
+        return self.state.get(_STATE_KEY, {}).get("step", 0)
+
+    def state_dict(self) -> dict[str, Any]:
+        state_dict = super().state_dict()
+        extra = {"step": self.step_count}
+        if self.generator is not None:
+            extra["generator_state"] = self.generator.get_state()
+        state_dict["state"][_STATE_KEY] = extra
+        return state_dict
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        extra = dict(self.state.get(_STATE_KEY, {}))
+        generator_state = extra.pop("generator_state", None)
+        if generator_state is not None and self.generator is not None:
+            self.generator.set_state(generator_state)
+        self.state[_STATE_KEY] = extra
+
+    def _trainable_params(self) -> list[Tensor]:
+        return [p for group in self.param_groups for p in group["params"] if p.requires_grad]
+
+    # -- the step -----------------------------------------------------------------------
+    def step(self, closure: Callable[..., Any] | None = None, batch: Batch | None = None) -> Tensor:  # type: ignore[override]
+        if closure is None or batch is None:
+            raise TypeError(
+                f"{type(self).__name__}.step needs a closure and a batch: step(closure, batch), "
+                "where closure(*micro_batch) returns the mean loss over the micro-batch"
+            )
+        micro_batches = split_batch(batch, self.micro_batch_size)
+        params = self._trainable_params()
+        if not params:
+            raise ValueError("no parameter requires grad: nothing to optimize")
+        generator_state = self.generator.get_state() if self.generator is not None else None
+        try:
+            acc = accumulate(closure, micro_batches, params, self._penalty, self.method, self.generator, self.fd_eps)
+            problem = first_nonfinite(acc, micro_batches)
+            if problem is not None:
+                raise FloatingPointError(f"{problem}; the step was not taken")
+        except BaseException:
+            if generator_state is not None:  # a failed step draws nothing
+                self.generator.set_state(generator_state)
+            raise
+        grad_norm = hvp.squared_norm(acc.grad).sqrt()
+        applied = self._applied_gradient(acc, grad_norm)
+        for param, grad in zip(params, applied):
+            param.grad = grad
+        sgd_update(self)
+        self.state[_STATE_KEY] = {"step": self.step_count + 1}
+        self.stats = StepStats(
+            loss=acc.loss,
+            penalty=acc.penalty,
+            micro_grad_sq_norm=acc.micro_grad_sq_norm,
+            grad_norm=grad_norm,
+            num_micro_batches=len(micro_batches),
+        )
+        return acc.loss
+
+    def _applied_gradient(self, acc: Accumulation, grad_norm: Tensor) -> list[Tensor]:
+        """The gradient handed to SGD's update: G here."""
+        return acc.grad
+
+
+class _PenalizedSGD(MicroBatchSGD):
+    r"""MicroBatchSGD plus λ · Σ_j w_j R_j, R_j = ‖∇_θ S_j‖² for the class's penalty S_j.
+
+    .. math::
+        \theta \leftarrow \mathrm{SGD\_update}\Big(\theta, \sum_j w_j \big[\nabla L_j + \lambda \nabla R_j\big]\Big)
+
+    Args (besides MicroBatchSGD's):
+        penalty: λ ≥ 0.
+        method: ``"exact"`` (double backprop) or ``"finite_difference"`` (forward-difference
+            Hessian-vector product, one extra forward+backward per micro-batch).
+        fd_eps: ε, the finite-difference step length along v̂_j.
+        generator: a torch.Generator on the parameters' device driving every random draw
+            (None: the global RNG); its state is saved in ``state_dict()``.
+    """
+
+    def __init__(self, params: ParamsT, lr: float | Tensor = 1e-3, momentum: float = 0, dampening: float = 0,
+                 weight_decay: float | Tensor = 0, nesterov: bool = False, *, micro_batch_size: int,
+                 penalty: float, method: str = "exact", fd_eps: float = 1e-2,
+                 generator: torch.Generator | None = None, maximize: bool = False,
+                 foreach: bool | None = None, fused: bool | None = None) -> None:
+        check_hyperparameter(penalty, "penalty value")
+        if method not in hvp.METHODS:
+            raise ValueError(f"Invalid method: {method!r} (expected one of {', '.join(map(repr, hvp.METHODS))})")
+        check_hyperparameter(fd_eps, "fd_eps value")
+        if fd_eps == 0:
+            raise ValueError("Invalid fd_eps value: 0 (expected a finite number > 0)")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        super().__init__(params, lr, momentum, dampening, weight_decay, nesterov, micro_batch_size=micro_batch_size,
+                         maximize=maximize, foreach=foreach, fused=fused)
+        device = self.param_groups[0]["params"][0].device
+        if generator is not None and generator.device.type != device.type:
+            raise ValueError(f"generator is on {generator.device}, expected the parameters' device {device}")
+        self.penalty = float(penalty)
+        self.method = method
+        self.fd_eps = float(fd_eps)
+        self.generator = generator
+
+    def _applied_gradient(self, acc: Accumulation, grad_norm: Tensor) -> list[Tensor]:
+        """G + λ P, with P = Σ_j w_j ∇R_j."""
+        torch._foreach_add_(acc.grad, acc.penalty_grad, alpha=self.penalty)
+        return acc.grad
+
+
+class GradNormSGD(_PenalizedSGD):
+    """GN: R_j = ‖∇_θ L_j‖², the squared micro-batch gradient norm."""
+
+    _penalty = penalties.GRAD_NORM
+
+
+class FisherTraceSGD(_PenalizedSGD):
+    """FT: R_j = ‖∇_θ mean_i CE(f(x_i), ŷ_i)‖², ŷ_i ~ softmax(f(x_i)), drawn per micro-batch.
+
+    The closure must return ``(loss, logits)``.
+    """
+
+    _penalty = penalties.FISHER_TRACE
+
+
+class JacobianRegSGD(_PenalizedSGD):
+    """AJ (``kind="average"``): R_j = ‖∇_θ Σ_c mean_i f_c(x_i)‖²;
+    UJ (``kind="unit"``): R_j = ‖∇_θ uᵀ mean_i f(x_i)‖², u uniform on the unit sphere, drawn per micro-batch.
+
+    The closure must return ``(loss, logits)``.
+    """
+
+    _KINDS = {"average": penalties.AVERAGE_JACOBIAN, "unit": penalties.UNIT_JACOBIAN}
+
+    def __init__(self, params: ParamsT, lr: float | Tensor = 1e-3, *args: Any, kind: str = "average",
+                 **kwargs: Any) -> None:
+        if kind not in self._KINDS:
+            raise ValueError(f"Invalid kind: {kind!r} (expected 'average' or 'unit')")
+        super().__init__(params, lr, *args, **kwargs)
+        self.kind = kind
+        self._penalty = self._KINDS[kind]

@@ -1,0 +1,59 @@
+"""The regularizers, each as the scalar S_j whose parameter gradient v_j = ∇_θ S_j gives R_j = ‖v_j‖².
+
+A penalty is two small functions: ``sample`` draws whatever randomness S_j needs
+from the micro-batch's (detached) logits, once per micro-batch, and ``scalar``
+evaluates S_j from the closure's output and that draw. Keeping the draw apart
+lets the finite-difference path re-evaluate the *same* S_j at a shifted θ.
+
+| penalty | S_j |
+|---|---|
+| ``GRAD_NORM`` (GN) | L_j, the closure's loss |
+| ``FISHER_TRACE`` (FT) | mean_i CE(f(x_i), ŷ_i), ŷ_i ~ Categorical(softmax(f(x_i))) |
+| ``AVERAGE_JACOBIAN`` (AJ) | Σ_c mean_i f_c(x_i) |
+| ``UNIT_JACOBIAN`` (UJ) | uᵀ mean_i f(x_i), u = z/‖z‖, z ~ N(0, I_C) |
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Penalty:
+    name: str
+    needs_logits: bool
+    sample: Callable[[Tensor | None, torch.Generator | None], Tensor | None]
+    scalar: Callable[[Tensor, Tensor | None, Tensor | None], Tensor]
+
+
+def _no_draw(logits: Tensor | None, generator: torch.Generator | None) -> None:
+    return None
+
+
+def _sample_labels(logits: Tensor, generator: torch.Generator | None) -> Tensor:
+    """ŷ_i ~ Categorical(softmax(logits_i)), one label per example; not differentiated."""
+    probs = torch.softmax(logits.detach().float(), dim=1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def _sample_unit_direction(logits: Tensor, generator: torch.Generator | None) -> Tensor:
+    """u = z / ‖z‖ with z ~ N(0, I_C)."""
+    z = torch.randn(logits.shape[1], generator=generator, device=logits.device, dtype=logits.dtype)
+    return z / torch.linalg.vector_norm(z)
+
+
+GRAD_NORM = Penalty("grad_norm", False, _no_draw, lambda loss, logits, draw: loss)
+FISHER_TRACE = Penalty(
+    "fisher_trace", True, _sample_labels, lambda loss, logits, labels: F.cross_entropy(logits, labels)
+)
+AVERAGE_JACOBIAN = Penalty(
+    "average_jacobian", True, _no_draw, lambda loss, logits, draw: logits.mean(dim=0).sum()
+)
+UNIT_JACOBIAN = Penalty(
+    "unit_jacobian", True, _sample_unit_direction, lambda loss, logits, u: logits.mean(dim=0) @ u
+)

@@ -1,0 +1,118 @@
+"""The literal, slow, obviously-correct step: the specification that the fast paths are tested against.
+
+This is the paper's loop written out, on top of a plain ``torch.optim.SGD``. It
+depends on torch only and shares no code with the rest of regopt on purpose.
+For each micro-batch M_j (consecutive slices of ``micro_batch_size``, w_j = |M_j|/|B|)::
+
+    L_j, logits = closure(M_j)                      # one forward pass
+    S_j = L_j | CE(logits, ŷ) | Σ_c mean logits | uᵀ mean logits
+    v_j = autograd.grad(S_j, θ, create_graph=True)
+    R_j = Σ_p ‖v_j[p]‖²
+    (w_j · (L_j + λ R_j)).backward()                # accumulates into .grad
+
+then ``sgd.step()``. Grafting instead rescales the accumulated G = Σ_j w_j g_j to
+length s and steps. Random draws happen in the same order as in the fast path:
+per micro-batch, after its forward pass, from ``generator``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+REGULARIZERS = ("none", "grad_norm", "fisher_trace", "average_jacobian", "unit_jacobian")
+
+
+@dataclass
+class ReferenceStats:
+    loss: float
+    penalty: float
+    micro_grad_sq_norm: float
+    grad_norm: float
+    num_micro_batches: int
+    losses: list[float]           # L_j
+    penalties: list[float]        # R_j
+    micro_grad_sq_norms: list[float]  # ‖g_j‖²
+
+
+def _micro_batches(batch, micro_batch_size):
+    if isinstance(batch, torch.Tensor):
+        size = batch.shape[0]
+        return size, [((batch[i:i + micro_batch_size],), {}) for i in range(0, size, micro_batch_size)]
+    if isinstance(batch, dict):
+        size = next(iter(batch.values())).shape[0]
+        return size, [((), {k: v[i:i + micro_batch_size] for k, v in batch.items()})
+                      for i in range(0, size, micro_batch_size)]
+    size = batch[0].shape[0]
+    return size, [(tuple(v[i:i + micro_batch_size] for v in batch), {}) for i in range(0, size, micro_batch_size)]
+
+
+def step(sgd, closure, batch, *, micro_batch_size, regularizer="none", penalty=0.0, generator=None,
+         graft=None, graft_norm=None):
+    """One step of ``sgd`` (a torch.optim.SGD) on ``batch``; returns ReferenceStats.
+
+    ``regularizer`` is one of REGULARIZERS; ``graft`` is None, "iterative", "external" (with
+    ``graft_norm`` = s) or "normalized".
+    """
+    assert regularizer in REGULARIZERS
+    params = [p for group in sgd.param_groups for p in group["params"] if p.requires_grad]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    size, micro_batches = _micro_batches(batch, micro_batch_size)
+    losses, penalties, grad_sq_norms, grad_norms = [], [], [], []
+    large_batch_grad = [torch.zeros_like(p) for p in params]  # G = Σ_j w_j g_j
+    for args, kwargs in micro_batches:
+        n = (args[0] if args else next(iter(kwargs.values()))).shape[0]
+        w = n / size
+        out = closure(*args, **kwargs)
+        loss, logits = out if isinstance(out, tuple) else (out, None)
+
+        g = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True, materialize_grads=True)
+        g_sq_norm = sum((gp.detach() ** 2).sum() for gp in g)
+        grad_sq_norms.append(float(g_sq_norm))
+        grad_norms.append(float(g_sq_norm) ** 0.5)
+        losses.append(float(loss.detach()))
+        for G_p, g_p in zip(large_batch_grad, g):
+            G_p += w * g_p.detach()
+
+        if regularizer == "none":
+            penalties.append(0.0)
+            (w * loss).backward()
+            continue
+        if regularizer == "grad_norm":
+            s = loss
+        elif regularizer == "fisher_trace":
+            probs = torch.softmax(logits.detach().float(), dim=1)
+            labels = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+            s = F.cross_entropy(logits, labels)
+        elif regularizer == "average_jacobian":
+            s = logits.mean(dim=0).sum()
+        else:
+            z = torch.randn(logits.shape[1], generator=generator, device=logits.device, dtype=logits.dtype)
+            u = z / torch.linalg.vector_norm(z)
+            s = logits.mean(dim=0) @ u
+        v = torch.autograd.grad(s, params, create_graph=True, allow_unused=True, materialize_grads=True)
+        r = sum((vp ** 2).sum() for vp in v)
+        penalties.append(float(r))
+        (w * (loss + penalty * r)).backward()
+
+    weights = [(args[0] if args else next(iter(kwargs.values()))).shape[0] / size for args, kwargs in micro_batches]
+    grad_norm = float(sum((G_p ** 2).sum() for G_p in large_batch_grad)) ** 0.5
+    if graft is not None:
+        s = {"iterative": sum(grad_norms) / len(grad_norms), "external": graft_norm, "normalized": 1.0}[graft]
+        with torch.no_grad():
+            for p in params:
+                p.grad = p.grad * (s / grad_norm) if grad_norm > 0 else torch.zeros_like(p)
+    sgd.step()
+    return ReferenceStats(
+        loss=sum(w * x for w, x in zip(weights, losses)),
+        penalty=sum(w * x for w, x in zip(weights, penalties)),
+        micro_grad_sq_norm=sum(w * x for w, x in zip(weights, grad_sq_norms)),
+        grad_norm=grad_norm,
+        num_micro_batches=len(micro_batches),
+        losses=losses,
+        penalties=penalties,
+        micro_grad_sq_norms=grad_sq_norms,
+    )

@@ -1,0 +1,35 @@
+"""What one optimizer step measured."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """Statistics of the last step, as 0-dim tensors on the parameters' device (no host sync).
+
+    Attributes:
+        loss: Σ_j w_j L_j, the mean loss over the batch.
+        penalty: Σ_j w_j R_j, the regularizer without λ (zero for unpenalized optimizers).
+        micro_grad_sq_norm: Σ_j w_j ‖g_j‖², the paper's "average micro-batch gradient norm"
+            (squared, as the authors logged it), for every optimizer.
+        grad_norm: ‖Σ_j w_j g_j‖, the norm of the large-batch loss gradient G.
+        num_micro_batches: k, the number of micro-batches in the step (all ranks together).
+        skipped: whether the update was skipped because a term was non-finite.
+    """
+
+    loss: Tensor
+    penalty: Tensor
+    micro_grad_sq_norm: Tensor
+    grad_norm: Tensor
+    num_micro_batches: int
+    skipped: bool = False
+
+    @property
+    def micro_grad_rms_norm(self) -> Tensor:
+        """sqrt(Σ_j w_j ‖g_j‖²): the root-mean-square micro-batch gradient norm."""
+        return torch.sqrt(self.micro_grad_sq_norm)
