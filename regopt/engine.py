@@ -126,12 +126,22 @@ def accumulate(
     return Accumulation(grad_sum, penalty_grad_sum, terms, sums)
 
 
-def first_nonfinite(acc: Accumulation, micro_batches: Sequence[MicroBatch]) -> str | None:
-    """Describe the first non-finite term (one host sync), or None when all are finite."""
+def first_nonfinite(acc: Accumulation, micro_batches: Sequence[MicroBatch], **step_terms: Tensor) -> str | None:
+    """Describe the first non-finite term (one host sync for all of them), or None when all are finite.
+
+    Checks this process's per-micro-batch terms, then the (possibly all-reduced) sums and
+    the 0-dim ``step_terms`` given by name (say the norm of the penalty gradient).
+    """
     finite = torch.isfinite(acc.terms)
-    if bool(finite.all()):
+    named = torch.stack([acc.sums.isfinite().all()] + [t.isfinite() for t in step_terms.values()])
+    if bool(finite.all() & named.all()):
         return None
-    j, column = (int(i) for i in (~finite).nonzero()[0])
-    term = ("loss L_j", "penalty R_j", "loss gradient squared norm ‖g_j‖²")[column]
-    value = acc.terms[j, column].item()
-    return f"non-finite {term} ({value}) on {micro_batches[j].describe(len(micro_batches))}"
+    if not bool(finite.all()):
+        j, column = (int(i) for i in (~finite).nonzero()[0])
+        term = ("loss L_j", "penalty R_j", "loss gradient squared norm ‖g_j‖²")[column]
+        value = acc.terms[j, column].item()
+        return f"non-finite {term} ({value}) on {micro_batches[j].describe(len(micro_batches))}"
+    if not bool(named[0]):
+        return "non-finite loss, penalty or gradient norm on another rank's micro-batch"
+    name = next(name for name, t in step_terms.items() if not bool(t.isfinite()))
+    return f"non-finite {name} ({step_terms[name].item()}) over the step's micro-batches"

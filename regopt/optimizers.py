@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from . import hvp, penalties
+from . import distributed, hvp, penalties
 from .batching import Batch, check_micro_batch_size, split_batch
 from .engine import Accumulation, accumulate, first_nonfinite
 from .penalties import Penalty
@@ -52,6 +52,12 @@ class MicroBatchSGD(torch.optim.SGD):
         params, lr, momentum, dampening, weight_decay, nesterov, maximize, foreach, fused:
             as in :class:`torch.optim.SGD`.
         micro_batch_size: |M|, examples per micro-batch (the last may be smaller).
+        max_grad_norm: if given, the applied gradient (penalty included) is clipped to this
+            total norm, as by :func:`torch.nn.utils.clip_grad_norm_`, before momentum.
+        skip_nonfinite: on a non-finite loss, penalty or gradient, skip the step (nothing
+            changes; ``stats.skipped`` is True) instead of raising FloatingPointError.
+        process_group: the torch.distributed group whose ranks share each step (each passes
+            its own shard of the batch); default: the world group when initialized, else None.
 
     ``step(closure, batch)`` calls ``closure(*parts)`` (tuple/list batch), ``closure(**parts)``
     (dict) or ``closure(t)`` (tensor) once per micro-batch; the closure returns the mean
@@ -75,7 +81,12 @@ class MicroBatchSGD(torch.optim.SGD):
         maximize: bool = False,
         foreach: bool | None = None,
         fused: bool | None = None,
+        max_grad_norm: float | None = None,
+        skip_nonfinite: bool = False,
+        process_group: Any = "default",
     ) -> None:
+        if max_grad_norm is not None:
+            check_hyperparameter(max_grad_norm, "max_grad_norm value")
         if not (isinstance(lr, Tensor) and lr.numel() != 1):  # SGD words that case itself
             check_hyperparameter(lr, "learning rate")
         check_hyperparameter(momentum, "momentum value")
@@ -83,6 +94,9 @@ class MicroBatchSGD(torch.optim.SGD):
         self.micro_batch_size = check_micro_batch_size(micro_batch_size)
         super().__init__(params, lr, momentum, dampening, weight_decay, nesterov,
                          maximize=maximize, foreach=foreach, fused=fused)
+        self.max_grad_norm = max_grad_norm
+        self.skip_nonfinite = bool(skip_nonfinite)
+        self.process_group = distributed.default_process_group() if process_group == "default" else process_group
         self.method = "exact"
         self.fd_eps = 1e-2
         self.generator: torch.Generator | None = None
@@ -120,33 +134,46 @@ class MicroBatchSGD(torch.optim.SGD):
                 f"{type(self).__name__}.step needs a closure and a batch: step(closure, batch), "
                 "where closure(*micro_batch) returns the mean loss over the micro-batch"
             )
-        micro_batches = split_batch(batch, self.micro_batch_size)
+        group = self.process_group
+        # Distributed steps weight by |M_j| here and divide by the global size after the all-reduce.
+        micro_batches = split_batch(batch, self.micro_batch_size, total_size=1 if group is not None else None)
         params = self._trainable_params()
         if not params:
             raise ValueError("no parameter requires grad: nothing to optimize")
         generator_state = self.generator.get_state() if self.generator is not None else None
         try:
             acc = accumulate(closure, micro_batches, params, self._penalty, self.method, self.generator, self.fd_eps)
-            problem = first_nonfinite(acc, micro_batches)
-            if problem is not None:
+            if group is not None:
+                acc = distributed.all_reduce_accumulation(acc, micro_batches[-1].stop, group)
+            grad_norm = hvp.squared_norm(acc.grad).sqrt()
+            step_terms = {"large-batch gradient norm ‖G‖": grad_norm}
+            if acc.penalty_grad is not None:
+                step_terms["penalty gradient norm ‖Σ w_j ∇R_j‖"] = hvp.squared_norm(acc.penalty_grad).sqrt()
+            problem = first_nonfinite(acc, micro_batches, **step_terms)
+            if problem is not None and not self.skip_nonfinite:
                 raise FloatingPointError(f"{problem}; the step was not taken")
         except BaseException:
             if generator_state is not None:  # a failed step draws nothing
                 self.generator.set_state(generator_state)
             raise
-        grad_norm = hvp.squared_norm(acc.grad).sqrt()
-        applied = self._applied_gradient(acc, grad_norm)
-        for param, grad in zip(params, applied):
-            param.grad = grad
-        sgd_update(self)
-        self.state[_STATE_KEY] = {"step": self.step_count + 1}
         self.stats = StepStats(
             loss=acc.loss,
             penalty=acc.penalty,
             micro_grad_sq_norm=acc.micro_grad_sq_norm,
             grad_norm=grad_norm,
-            num_micro_batches=len(micro_batches),
+            num_micro_batches=int(acc.sums[4]) if group is not None else len(micro_batches),
+            skipped=problem is not None,
         )
+        if problem is not None:  # skip_nonfinite: like a step never taken
+            if generator_state is not None:
+                self.generator.set_state(generator_state)
+            return acc.loss
+        for param, grad in zip(params, self._applied_gradient(acc, grad_norm)):
+            param.grad = grad
+        if self.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm, foreach=self.defaults["foreach"])
+        sgd_update(self)
+        self.state[_STATE_KEY] = {"step": self.step_count + 1}
         return acc.loss
 
     def _applied_gradient(self, acc: Accumulation, grad_norm: Tensor) -> list[Tensor]:
@@ -172,8 +199,7 @@ class _PenalizedSGD(MicroBatchSGD):
     def __init__(self, params: ParamsT, lr: float | Tensor = 1e-3, momentum: float = 0, dampening: float = 0,
                  weight_decay: float | Tensor = 0, nesterov: bool = False, *, micro_batch_size: int,
                  penalty: float, method: str = "exact", fd_eps: float = 1e-2,
-                 generator: torch.Generator | None = None, maximize: bool = False,
-                 foreach: bool | None = None, fused: bool | None = None) -> None:
+                 generator: torch.Generator | None = None, **kwargs: Any) -> None:
         check_hyperparameter(penalty, "penalty value")
         if method not in hvp.METHODS:
             raise ValueError(f"Invalid method: {method!r} (expected one of {', '.join(map(repr, hvp.METHODS))})")
@@ -183,7 +209,7 @@ class _PenalizedSGD(MicroBatchSGD):
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         super().__init__(params, lr, momentum, dampening, weight_decay, nesterov, micro_batch_size=micro_batch_size,
-                         maximize=maximize, foreach=foreach, fused=fused)
+                         **kwargs)
         device = self.param_groups[0]["params"][0].device
         if generator is not None and generator.device.type != device.type:
             raise ValueError(f"generator is on {generator.device}, expected the parameters' device {device}")

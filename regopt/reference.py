@@ -95,7 +95,7 @@ def step(sgd, closure, batch, *, micro_batch_size, regularizer="none", penalty=0
             s = logits.mean(dim=0) @ u
         v = torch.autograd.grad(s, params, create_graph=True, allow_unused=True, materialize_grads=True)
         r = sum((vp ** 2).sum() for vp in v)
-        penalties.append(float(r))
+        penalties.append(float(r.detach()))
         (w * (loss + penalty * r)).backward()
 
     weights = [(args[0] if args else next(iter(kwargs.values()))).shape[0] / size for args, kwargs in micro_batches]
