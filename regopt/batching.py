@@ -9,6 +9,8 @@ smaller), k = ceil(B / |M|), with weights w_j = |M_j| / B so that
 
 from __future__ import annotations
 
+import contextlib
+
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +19,12 @@ import torch
 from torch import Tensor
 
 Batch = Tensor | Sequence[Tensor] | Mapping[str, Tensor]
+AutocastState = tuple[str, torch.dtype, bool]
+
+
+def autocast_state(device: torch.device) -> AutocastState:
+    """The ambient ``torch.autocast`` settings for ``device``'s type, to re-enter later."""
+    return device.type, torch.get_autocast_dtype(device.type), torch.is_autocast_enabled(device.type)
 
 
 @dataclass(frozen=True)
@@ -106,9 +114,15 @@ def split_batch(batch: Batch, micro_batch_size: int, total_size: int | None = No
     ]
 
 
-def call_closure(closure: Callable[..., Any], micro: MicroBatch, count: int) -> ClosureOutput:
-    """``closure(*parts)``, ``closure(**parts)`` or ``closure(t)`` under grad mode, with its result checked."""
-    with torch.enable_grad():
+def call_closure(closure: Callable[..., Any], micro: MicroBatch, count: int,
+                 autocast: AutocastState | None = None) -> ClosureOutput:
+    """``closure(*parts)``, ``closure(**parts)`` or ``closure(t)`` under grad mode, with its result checked.
+
+    ``autocast`` (device type, dtype, enabled) is the caller's autocast state, restored for the
+    closure alone: regopt's own reductions run outside autocast, in the parameters' precision.
+    """
+    autocast_context = torch.autocast(*autocast) if autocast is not None else contextlib.nullcontext()
+    with torch.enable_grad(), autocast_context:
         if isinstance(micro.data, Tensor):
             result = closure(micro.data)
         elif isinstance(micro.data, Mapping):

@@ -1,20 +1,83 @@
 """One all-reduce per step: micro-batches spread over the ranks of a torch.distributed group.
 
-Each rank accumulates Σ_j |M_j| g_j, Σ_j |M_j| ∇R_j and the statistics' sums over its own
-micro-batches (weights not yet divided by the batch size), then a single all-reduce of
-one flat buffer sums them over ranks together with the local batch sizes, and every sum
-is divided by the global batch size B = Σ_ranks B_r. The result is the single-process
-step on the concatenation of all ranks' batches, unequal shards included.
+Each rank r splits its own shard B_r of the step's batch into consecutive micro-batches
+and accumulates, with weights |M_j| (not yet divided by any batch size),
+
+    Σ_j |M_j| g_j,   Σ_j |M_j| ∇R_j,   Σ_j |M_j| L_j,   Σ_j |M_j| R_j,   Σ_j |M_j| ‖g_j‖²,   Σ_j ‖g_j‖,   k_r,
+
+then :func:`all_reduce_accumulation` sums all of them, together with the shard sizes |B_r|,
+in a single all-reduce of one flat buffer, and divides the weighted sums by the global batch
+size |B| = Σ_r |B_r|. Every rank ends the step with the same applied gradient and the same
+global ``stats`` (loss, penalty, micro_grad_sq_norm, grad_norm = ‖G‖, num_micro_batches = Σ_r k_r),
+and iterative grafting's s = Σ_j ‖g_j‖ / Σ_r k_r is the mean over all ranks' micro-batches.
+
+The step is the single-process step on the concatenation B_0 B_1 … of the shards, split into
+the micro-batches the ranks formed: exactly the single-process split when every shard but the
+last holds a multiple of ``micro_batch_size`` examples (unequal shards included). Otherwise
+each shard's last micro-batch is short, which changes the partition, hence Σ_j w_j R_j, the
+mean micro-batch norm of iterative grafting and per-micro-batch BatchNorm statistics, but not
+G = ∇(mean loss over B) of a model without batch statistics. An empty shard is not supported.
+
+The buffer is communicated in the gradients' dtype, promoted to at least float32 (so that
+shard sizes and micro-batch counts stay exact integers under bfloat16/float16 training), and
+the reduced values are copied back into the gradients' own dtypes. All ranks receive the same
+reduced bits, so their parameters stay identical step after step.
+
+Random draws (FT labels, UJ directions). Nothing random is communicated: each rank draws, per
+micro-batch and in order, for its own micro-batches only, from its optimizer's ``generator``
+(or its global RNG when ``generator`` is None). Ranks whose generators are in the same state,
+as after the same seed (and, for the global RNG, the usual identical ``torch.manual_seed`` on
+every rank), draw the same numbers for their j-th micro-batches: UJ then uses the same
+direction u on every rank's j-th micro-batch, and FT the same uniforms, so the step averages
+fewer independent draws than a single process would. Give each rank its own stream, e.g.
+``generator=torch.Generator(device).manual_seed(seed + dist.get_rank())``, and save each
+rank's ``state_dict()`` (the generator state is per rank) or reseed per rank after loading
+rank 0's. A distributed step equals a single-process step draw for draw when rank r's
+generator starts in the state a single process reaches after the micro-batches of ranks
+0..r-1; otherwise it is a different draw from the same distribution. The finite-difference
+replay of the closure's own draws (dropout) is local to each rank.
+
+Failures. The non-finite check runs after the all-reduce on every rank: a NaN or inf on one
+rank's micro-batch makes the reduced sums non-finite on all ranks, so every rank raises
+FloatingPointError (the offending rank names its micro-batch) or, with
+``skip_nonfinite=True``, every rank skips the step, with no collective left pending. An
+exception raised on one rank *before* the all-reduce (a closure error, out of memory) leaves
+the other ranks waiting in the all-reduce until the process group's timeout.
+
+DistributedDataParallel. regopt differentiates with ``torch.autograd.grad``, which never runs
+DDP's gradient hooks (they hang on the parameters' AccumulateGrad nodes, which only
+``backward()`` executes), so DDP never reduces anything in a regopt step: no double reduction,
+and no help either. DDP's forward still runs collectives and bookkeeping, though: with the
+default ``broadcast_buffers=True`` a model with buffers (BatchNorm) broadcasts rank 0's buffers
+at every forward, one collective per micro-batch, which deadlocks as soon as ranks hold
+different numbers of micro-batches (observed with gloo: a timeout), and with
+``find_unused_parameters=True`` the reducer is left expecting a backward that never comes (the
+process aborted at exit in the same experiment). So the closure must call the wrapped module,
+``ddp_model.module(x)``; DDP is then useful only for broadcasting rank 0's parameters and
+buffers at construction. :func:`ddp_forward_guard` turns a DDP forward inside a step into a
+clear error on every rank, before DDP's forward does anything.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
 import torch
 import torch.distributed as dist
-from torch import Tensor
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+from torch import Tensor, nn
 
 from .engine import Accumulation
+
+DDP_FORWARD_MESSAGE = (
+    "the closure called a DistributedDataParallel module inside a regopt step. regopt all-reduces "
+    "the gradients itself, once per step (torch.autograd.grad never runs DDP's gradient hooks), while "
+    "DDP's forward would run its own collectives per micro-batch (buffer broadcast; deadlocks when ranks "
+    "hold different numbers of micro-batches) and leave its reducer waiting for a backward. Call the "
+    "wrapped module instead, e.g. `def closure(x, y): logits = ddp_model.module(x); "
+    "return F.cross_entropy(logits, y), logits`, or do not wrap the model in DDP (every rank must then "
+    "start from the same parameters)"
+)
 
 
 def default_process_group() -> dist.ProcessGroup | None:
@@ -24,18 +87,55 @@ def default_process_group() -> dist.ProcessGroup | None:
     return None
 
 
+@contextmanager
+def ddp_forward_guard() -> Iterator[None]:
+    """Raise RuntimeError (:data:`DDP_FORWARD_MESSAGE`) when a DistributedDataParallel module runs its forward.
+
+    Wraps a step's micro-batch loop. It raises in a forward pre-hook, before DDP's forward
+    runs any collective, and every rank calls the same closure, so every rank raises at
+    the same micro-batch and none is left waiting. A no-op (no hook) unless
+    torch.distributed is initialized, since no DDP module exists otherwise.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        yield
+        return
+    from torch.nn.parallel import DistributedDataParallel
+
+    def refuse(module: nn.Module, args: object) -> None:
+        if isinstance(module, DistributedDataParallel):
+            raise RuntimeError(DDP_FORWARD_MESSAGE)
+
+    handle = nn.modules.module.register_module_forward_pre_hook(refuse)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _wire_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
+    """The common dtype of ``tensors``, at least float32."""
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
 def all_reduce_accumulation(acc: Accumulation, local_size: int, group: dist.ProcessGroup) -> Accumulation:
-    """Sum ``acc`` (accumulated with weights |M_j|) over ``group`` and divide by the global batch size."""
+    """Sum ``acc`` (accumulated with weights |M_j|) over ``group`` and divide by the global batch size.
+
+    One ``dist.all_reduce`` of one flat buffer [Σ|M|g, Σ|M|∇R, sums, |B_r|]; the gradients
+    are reduced in place into ``acc``'s own tensors.
+    """
     pieces: list[Tensor] = list(acc.grad) + list(acc.penalty_grad or [])
-    sums = torch.cat([acc.sums, acc.sums.new_tensor([local_size])])
-    flat = _flatten_dense_tensors(pieces + [sums.to(pieces[0].dtype)])
+    dtype = _wire_dtype(pieces + [acc.sums])
+    sums = torch.cat([acc.sums.to(dtype), acc.sums.new_tensor([local_size], dtype=dtype)])
+    flat = torch.cat([t.reshape(-1).to(dtype) for t in pieces] + [sums])
     dist.all_reduce(flat, group=group)
-    reduced = _unflatten_dense_tensors(flat, pieces + [sums])
-    *tensors, reduced_sums = reduced
-    reduced_sums = reduced_sums.to(acc.sums.dtype)
-    total = reduced_sums[-1]
-    grad, penalty_grad = tensors[: len(acc.grad)], tensors[len(acc.grad):] or None
-    torch._foreach_div_(tensors, total)
-    # Σ w L, Σ w R and Σ w ‖g‖² are weighted by |M_j| / B; Σ_j ‖g_j‖ and k are plain sums.
-    weighted = torch.cat([reduced_sums[:3] / total, reduced_sums[3:5]])
-    return acc.reduced(grad, penalty_grad, weighted)
+    numel = flat.numel() - sums.numel()
+    reduced_sums = flat[numel:].clone()
+    total = reduced_sums[-1]  # |B|
+    flat[:numel].div_(total)
+    torch._foreach_copy_(pieces, [v.view_as(t) for v, t in zip(flat[:numel].split([t.numel() for t in pieces]), pieces)])
+    # Σ|M|L, Σ|M|R and Σ|M|‖g‖² become weighted by w_j = |M_j|/|B|; Σ_j ‖g_j‖ and k stay plain sums.
+    weighted = torch.cat([reduced_sums[:3] / total, reduced_sums[3:5]]).to(acc.sums.dtype)
+    return acc.reduced(acc.grad, acc.penalty_grad, weighted)

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from . import hvp
-from .batching import MicroBatch, call_closure
+from .batching import AutocastState, MicroBatch, call_closure
 from .penalties import Penalty
 
 
@@ -81,20 +81,27 @@ def accumulate(
     method: str = "exact",
     generator: torch.Generator | None = None,
     fd_eps: float = 1e-2,
+    closure_autocast: AutocastState | None = None,
+    loss_scale: float = 1.0,
 ) -> Accumulation:
-    """Run the closure on each micro-batch and sum the weighted gradients and statistics."""
+    """Run the closure on each micro-batch and sum the weighted gradients and statistics.
+
+    ``closure_autocast`` is the autocast state to run the closure under (the caller runs
+    everything else with autocast off, so that norms and penalties stay in full precision);
+    every backward runs on ``loss_scale`` times its scalar and is unscaled at once (float16).
+    """
     count = len(micro_batches)
     differentiate = hvp.METHODS[method]
-    grad_sum = penalty_grad_sum = None
-    losses, penalties, grad_sq_norms = [], [], []
     device = params[0].device
     # The finite-difference pass replays the closure's random draws (dropout masks) exactly.
     replays_closure = penalty is not None and method == "finite_difference"
+    grad_sum = penalty_grad_sum = None
+    losses, penalties, grad_sq_norms = [], [], []
     for micro in micro_batches:
         rng_before = _rng_state(device) if replays_closure else None
-        out = call_closure(closure, micro, count)
+        out = call_closure(closure, micro, count, closure_autocast)
         if penalty is None:
-            loss_grad = hvp.gradient(out.loss, params)
+            loss_grad = hvp.gradient(out.loss, params, loss_scale)
             penalties.append(torch.zeros((), device=out.loss.device, dtype=out.loss.dtype))
         else:
             if penalty.needs_logits and out.logits is None:
@@ -109,10 +116,11 @@ def accumulate(
                 # buffers are restored only after the backward, which may have saved them.
                 with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), hvp.frozen_buffers():
                     _set_rng_state(rng_before, device)
-                    shifted = call_closure(closure, micro, count)
-                    return hvp.gradient(penalty.scalar(shifted.loss, shifted.logits, draw), params)
+                    shifted = call_closure(closure, micro, count, closure_autocast)
+                    return hvp.gradient(penalty.scalar(shifted.loss, shifted.logits, draw), params, loss_scale)
 
-            grads = differentiate(out.loss, penalty.scalar(out.loss, out.logits, draw), params, gradient_at_shift, fd_eps)
+            grads = differentiate(out.loss, penalty.scalar(out.loss, out.logits, draw), params, gradient_at_shift, fd_eps,
+                                  loss_scale)
             loss_grad = grads.loss_grad
             penalties.append(grads.penalty)
             penalty_grad_sum = _weighted_add(penalty_grad_sum, grads.penalty_grad, micro.weight)

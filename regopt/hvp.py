@@ -30,9 +30,19 @@ class MicroGradients:
     penalty_grad: list[Tensor]
 
 
-def gradient(output: Tensor, params: Sequence[Tensor], **kwargs) -> list[Tensor]:
-    """∇_θ output, with zeros for parameters that ``output`` does not depend on."""
-    return list(torch.autograd.grad(output, params, allow_unused=True, materialize_grads=True, **kwargs))
+def gradient(output: Tensor, params: Sequence[Tensor], loss_scale: float = 1.0, **kwargs) -> list[Tensor]:
+    """∇_θ output, with zeros for parameters that ``output`` does not depend on.
+
+    With ``loss_scale`` s ≠ 1 the backward runs on s · output (so that float16 activation
+    gradients do not underflow) and the result is unscaled: ∇(s · output) / s.
+    """
+    grads = torch.autograd.grad(_times(output, loss_scale), params, allow_unused=True, materialize_grads=True,
+                                **kwargs)
+    return list(grads) if loss_scale == 1.0 else torch._foreach_div(grads, loss_scale)
+
+
+def _times(tensor: Tensor, factor: float) -> Tensor:
+    return tensor if factor == 1.0 else tensor * factor
 
 
 def squared_norm(tensors: Sequence[Tensor]) -> Tensor:
@@ -41,26 +51,39 @@ def squared_norm(tensors: Sequence[Tensor]) -> Tensor:
 
 
 def exact(loss: Tensor, scalar: Tensor, params: Sequence[Tensor], gradient_at_shift: Callable[[], list[Tensor]],
-          fd_eps: float) -> MicroGradients:
-    """∇R_j = ∇_θ ‖∇_θ S_j‖² by double backprop (``gradient_at_shift`` and ``fd_eps`` are unused)."""
+          fd_eps: float, loss_scale: float = 1.0) -> MicroGradients:
+    """∇R_j = ∇_θ ‖∇_θ S_j‖² by double backprop (``gradient_at_shift`` and ``fd_eps`` are unused).
+
+    With a loss scale s both passes run scaled: v^s = ∇(s S_j), R_j = ‖v^s‖²/s², and
+    ∇R_j = ∇(‖v^s‖²/s)/s, so the micro-batch gradient is unscaled before it is squared.
+    """
     shares_graph = scalar is loss
-    v = gradient(scalar, params, create_graph=True)
-    penalty = squared_norm(v)
+    scaled_v = torch.autograd.grad(_times(scalar, loss_scale), params, create_graph=True, allow_unused=True,
+                                   materialize_grads=True)
+    penalty = _times(squared_norm(scaled_v), loss_scale**-2)
     # For GN, v_j is g_j itself; otherwise g_j needs its own first-order pass.
-    loss_grad = [t.detach() for t in v] if shares_graph else gradient(loss, params, retain_graph=True)
+    if shares_graph:  # (out of place: scaled_v is still needed by the double backward)
+        loss_grad = [t.detach() for t in scaled_v]
+        loss_grad = loss_grad if loss_scale == 1.0 else torch._foreach_div(loss_grad, loss_scale)
+    else:
+        loss_grad = gradient(loss, params, loss_scale, retain_graph=True)
     if penalty.requires_grad:
-        penalty_grad = gradient(penalty, params)
+        penalty_grad = gradient(penalty, params, loss_scale)
     else:  # v_j does not depend on θ (a model linear in its parameters): H_j = 0
         penalty_grad = [torch.zeros_like(p) for p in params]
     return MicroGradients(loss_grad, penalty.detach(), penalty_grad)
 
 
-def finite_difference(loss: Tensor, scalar: Tensor, params: Sequence[Tensor], gradient_at_shift: Callable[[], list[Tensor]],
-                      fd_eps: float) -> MicroGradients:
-    """∇R_j ≈ 2 (∇S_j(θ + ε v̂_j) − v_j) · ‖v_j‖/ε; ``gradient_at_shift()`` recomputes ∇S_j at the shifted θ."""
+def finite_difference(loss: Tensor, scalar: Tensor, params: Sequence[Tensor],
+                      gradient_at_shift: Callable[[], list[Tensor]], fd_eps: float,
+                      loss_scale: float = 1.0) -> MicroGradients:
+    """∇R_j ≈ 2 (∇S_j(θ + ε v̂_j) − v_j) · ‖v_j‖/ε; ``gradient_at_shift()`` recomputes ∇S_j at the shifted θ.
+
+    Every gradient is taken of the ``loss_scale``-scaled scalar and unscaled at once.
+    """
     shares_graph = scalar is loss
-    loss_grad = gradient(loss, params, retain_graph=not shares_graph)
-    v = loss_grad if shares_graph else gradient(scalar, params)
+    loss_grad = gradient(loss, params, loss_scale, retain_graph=not shares_graph)
+    v = loss_grad if shares_graph else gradient(scalar, params, loss_scale)
     penalty = squared_norm(v)
     v_norm = penalty.sqrt()
     with torch.no_grad():

@@ -21,13 +21,15 @@ from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
 from . import distributed, hvp, penalties
-from .batching import Batch, check_micro_batch_size, split_batch
+from .batching import Batch, autocast_state, check_micro_batch_size, split_batch
 from .engine import Accumulation, accumulate, first_nonfinite
 from .penalties import Penalty
 from .stats import StepStats
 from .update import sgd_update
 
-_STATE_KEY = "regopt"  # optimizer.state entry for what is not per parameter: step count, generator
+_STATE_KEY = "regopt"  # optimizer.state entry for what is not per parameter: step count, loss scale, generator
+_INITIAL_DYNAMIC_SCALE = 2.0**16
+_DYNAMIC_SCALE_GROWTH_INTERVAL = 2000
 
 
 def check_hyperparameter(value: Any, name: str) -> None:
@@ -56,6 +58,11 @@ class MicroBatchSGD(torch.optim.SGD):
             total norm, as by :func:`torch.nn.utils.clip_grad_norm_`, before momentum.
         skip_nonfinite: on a non-finite loss, penalty or gradient, skip the step (nothing
             changes; ``stats.skipped`` is True) instead of raising FloatingPointError.
+        loss_scale: for float16 autocast: ``"dynamic"`` (torch.amp.GradScaler's rule: start at
+            2¹⁶, halve on a non-finite step, double after 2000 finite steps) or a fixed float.
+            Every backward runs on the scaled scalar, each micro-batch gradient is unscaled
+            before it is squared, and a non-finite step is skipped (``stats.skipped``) rather
+            than raised. The current scale is ``optimizer.current_loss_scale`` (in ``state_dict()``).
         process_group: the torch.distributed group whose ranks share each step (each passes
             its own shard of the batch); default: the world group when initialized, else None.
 
@@ -83,10 +90,15 @@ class MicroBatchSGD(torch.optim.SGD):
         fused: bool | None = None,
         max_grad_norm: float | None = None,
         skip_nonfinite: bool = False,
+        loss_scale: float | str | None = None,
         process_group: Any = "default",
     ) -> None:
         if max_grad_norm is not None:
             check_hyperparameter(max_grad_norm, "max_grad_norm value")
+        if loss_scale is not None and loss_scale != "dynamic":
+            check_hyperparameter(loss_scale, "loss_scale value")
+            if loss_scale == 0:
+                raise ValueError("Invalid loss_scale value: 0 (expected 'dynamic', None or a finite number > 0)")
         if not (isinstance(lr, Tensor) and lr.numel() != 1):  # SGD words that case itself
             check_hyperparameter(lr, "learning rate")
         check_hyperparameter(momentum, "momentum value")
@@ -96,6 +108,7 @@ class MicroBatchSGD(torch.optim.SGD):
                          maximize=maximize, foreach=foreach, fused=fused)
         self.max_grad_norm = max_grad_norm
         self.skip_nonfinite = bool(skip_nonfinite)
+        self.loss_scale = loss_scale
         self.process_group = distributed.default_process_group() if process_group == "default" else process_group
         self.method = "exact"
         self.fd_eps = 1e-2
@@ -108,9 +121,34 @@ class MicroBatchSGD(torch.optim.SGD):
         """Optimizer steps taken so far (part of ``state_dict()``)."""
         return self.state.get(_STATE_KEY, {}).get("step", 0)
 
+    @property
+    def current_loss_scale(self) -> float:
+        """The loss scale s the next step uses (1.0 without loss scaling)."""
+        if self.loss_scale is None:
+            return 1.0
+        initial = _INITIAL_DYNAMIC_SCALE if self.loss_scale == "dynamic" else float(self.loss_scale)
+        return self.state.get(_STATE_KEY, {}).get("loss_scale", initial)
+
+    def _update_state(self, **updates: Any) -> None:
+        # Replaced, never mutated: load_state_dict shares this dict with the loaded state_dict.
+        self.state[_STATE_KEY] = {**self.state.get(_STATE_KEY, {}), **updates}
+
+    def _update_loss_scale(self, found_nonfinite: bool) -> None:
+        """torch.amp.GradScaler's rule: ×0.5 on a non-finite step, ×2 after 2000 finite ones in a row."""
+        if self.loss_scale != "dynamic":
+            return
+        scale, streak = self.current_loss_scale, self.state.get(_STATE_KEY, {}).get("loss_scale_streak", 0)
+        if found_nonfinite:
+            scale, streak = scale * 0.5, 0
+        elif streak + 1 == _DYNAMIC_SCALE_GROWTH_INTERVAL:
+            scale, streak = scale * 2.0, 0
+        else:
+            streak += 1
+        self._update_state(loss_scale=scale, loss_scale_streak=streak)
+
     def state_dict(self) -> dict[str, Any]:
         state_dict = super().state_dict()
-        extra = {"step": self.step_count}
+        extra = dict(self.state.get(_STATE_KEY, {"step": 0}))
         if self.generator is not None:
             extra["generator_state"] = self.generator.get_state()
         state_dict["state"][_STATE_KEY] = extra
@@ -141,8 +179,17 @@ class MicroBatchSGD(torch.optim.SGD):
         if not params:
             raise ValueError("no parameter requires grad: nothing to optimize")
         generator_state = self.generator.get_state() if self.generator is not None else None
+        device = params[0].device
+        closure_autocast = autocast_state(device)
+        # Only the closure runs under the caller's autocast: norms, penalties and the update use full precision.
+        with torch.autocast(device.type, enabled=False):
+            return self._step(closure, micro_batches, params, generator_state, closure_autocast)
+
+    def _step(self, closure, micro_batches, params, generator_state, closure_autocast) -> Tensor:
+        group = self.process_group
         try:
-            acc = accumulate(closure, micro_batches, params, self._penalty, self.method, self.generator, self.fd_eps)
+            acc = accumulate(closure, micro_batches, params, self._penalty, self.method, self.generator, self.fd_eps,
+                             closure_autocast, self.current_loss_scale)
             if group is not None:
                 acc = distributed.all_reduce_accumulation(acc, micro_batches[-1].stop, group)
             grad_norm = hvp.squared_norm(acc.grad).sqrt()
@@ -150,7 +197,7 @@ class MicroBatchSGD(torch.optim.SGD):
             if acc.penalty_grad is not None:
                 step_terms["penalty gradient norm ‖Σ w_j ∇R_j‖"] = hvp.squared_norm(acc.penalty_grad).sqrt()
             problem = first_nonfinite(acc, micro_batches, **step_terms)
-            if problem is not None and not self.skip_nonfinite:
+            if problem is not None and not (self.skip_nonfinite or self.loss_scale is not None):
                 raise FloatingPointError(f"{problem}; the step was not taken")
         except BaseException:
             if generator_state is not None:  # a failed step draws nothing
@@ -164,7 +211,8 @@ class MicroBatchSGD(torch.optim.SGD):
             num_micro_batches=int(acc.sums[4]) if group is not None else len(micro_batches),
             skipped=problem is not None,
         )
-        if problem is not None:  # skip_nonfinite: like a step never taken
+        self._update_loss_scale(found_nonfinite=problem is not None)
+        if problem is not None:  # skip_nonfinite or loss scaling: like a step never taken
             if generator_state is not None:
                 self.generator.set_state(generator_state)
             return acc.loss
@@ -173,7 +221,7 @@ class MicroBatchSGD(torch.optim.SGD):
         if self.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm, foreach=self.defaults["foreach"])
         sgd_update(self)
-        self.state[_STATE_KEY] = {"step": self.step_count + 1}
+        self._update_state(step=self.step_count + 1)
         return acc.loss
 
     def _applied_gradient(self, acc: Accumulation, grad_norm: Tensor) -> list[Tensor]:

@@ -1,0 +1,128 @@
+"""Autocast (bfloat16) and float16 loss scaling."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import regopt
+from conftest import assert_close_models, assert_same_state, cnn, data_for, logits_closure, snapshot
+
+MAKERS = {
+    "LB": lambda p, **k: regopt.MicroBatchSGD(p, **k),
+    "GN": lambda p, **k: regopt.GradNormSGD(p, penalty=0.1, **k),
+    "GN-fd": lambda p, **k: regopt.GradNormSGD(p, penalty=0.1, method="finite_difference", **k),
+    "FT": lambda p, **k: regopt.FisherTraceSGD(p, penalty=0.1, generator=torch.Generator().manual_seed(0), **k),
+    "AJ": lambda p, **k: regopt.JacobianRegSGD(p, penalty=0.1, kind="average", **k),
+    "UJ": lambda p, **k: regopt.JacobianRegSGD(p, penalty=0.1, kind="unit", generator=torch.Generator().manual_seed(0),
+                                               **k),
+    "GRAFT-iter": lambda p, **k: regopt.GraftedSGD(p, mode="iterative", **k),
+}
+
+
+def small_float_cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 4 * 4, 5))
+
+
+def float_batch(size=12):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(size, 1, 6, 6, generator=g), torch.randint(0, 5, (size,), generator=g)
+
+
+@pytest.mark.parametrize("name", list(MAKERS))
+def test_bfloat16_autocast_keeps_statistics_in_float32_and_tracks_float32(name):
+    models = [small_float_cnn(), small_float_cnn()]
+    opts = [MAKERS[name](m.parameters(), lr=0.1, micro_batch_size=4) for m in models]
+    batch = float_batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        opts[0].step(logits_closure(models[0]), batch)
+    opts[1].step(logits_closure(models[1]), batch)
+    low, full = opts[0].stats, opts[1].stats
+    for field in ("loss", "penalty", "micro_grad_sq_norm", "grad_norm"):
+        got, want = getattr(low, field), getattr(full, field)
+        assert got.dtype == torch.float32
+        assert got.item() == pytest.approx(want.item(), rel=5e-2, abs=1e-3), field
+    assert all(p.grad.dtype == torch.float32 for p in models[0].parameters())
+
+
+def test_only_the_closure_runs_under_autocast():
+    model = small_float_cnn()
+    seen = []
+
+    def closure(x, y):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return logits_closure(model)(x, y)
+    opt = regopt.GradNormSGD(model.parameters(), lr=0.1, micro_batch_size=6, penalty=0.1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        opt.step(closure, float_batch())
+        assert torch.is_autocast_enabled("cpu")
+    assert seen == [True, True]
+
+
+@pytest.mark.parametrize("name", ["LB", "GN", "GN-fd", "FT", "AJ", "UJ"])
+def test_a_static_loss_scale_is_exact_in_float64(name):
+    a, b = cnn(0), cnn(0)
+    scaled = MAKERS[name](a.parameters(), lr=0.1, micro_batch_size=3, loss_scale=1024.0)
+    plain = MAKERS[name](b.parameters(), lr=0.1, micro_batch_size=3)
+    for t in range(2):
+        batch = data_for(a, 7, seed=t)
+        scaled.step(logits_closure(a), batch)
+        plain.step(logits_closure(b), batch)
+        torch.testing.assert_close(scaled.stats.penalty, plain.stats.penalty, rtol=1e-12, atol=1e-15)
+    assert_close_models(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_dynamic_loss_scale_skips_backs_off_and_grows(monkeypatch):
+    monkeypatch.setattr(regopt.optimizers, "_DYNAMIC_SCALE_GROWTH_INTERVAL", 2)
+    model = cnn(1)
+    opt = regopt.GradNormSGD(model.parameters(), lr=0.1, momentum=0.9, micro_batch_size=3, penalty=0.1,
+                             loss_scale="dynamic")
+    assert opt.current_loss_scale == 2.0**16
+    batch = data_for(model, 7)
+    opt.step(logits_closure(model), batch)
+    before = snapshot(model, opt)
+
+    def overflowing(x, y):
+        loss, logits = logits_closure(model)(x, y)
+        return loss * float("inf"), logits
+    opt.step(overflowing, batch)  # no error: skipped, scale halved
+    assert opt.stats.skipped and opt.current_loss_scale == 2.0**15
+    after = snapshot(model, opt)
+    after["state"]["state"]["regopt"]["loss_scale"] = 2.0**16
+    after["state"]["state"]["regopt"]["loss_scale_streak"] = 1
+    assert_same_state(before, after)  # nothing else changed
+    opt.step(logits_closure(model), batch)
+    opt.step(logits_closure(model), batch)
+    assert not opt.stats.skipped and opt.current_loss_scale == 2.0**16 and opt.step_count == 3
+    restored = regopt.GradNormSGD(cnn(1).parameters(), lr=0.1, micro_batch_size=3, penalty=0.1, loss_scale="dynamic")
+    restored.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert restored.current_loss_scale == 2.0**16
+
+
+def test_float16_autocast_with_dynamic_loss_scale_trains():
+    model = small_float_cnn()
+    reference = copy.deepcopy(model)
+    opt = regopt.GradNormSGD(model.parameters(), lr=0.05, micro_batch_size=4, penalty=0.1, loss_scale="dynamic")
+    full = regopt.GradNormSGD(reference.parameters(), lr=0.05, micro_batch_size=4, penalty=0.1)
+    batch = float_batch()
+    taken = 0
+    for _ in range(25):
+        with torch.autocast("cpu", dtype=torch.float16):
+            opt.step(logits_closure(model), batch)
+        taken += not opt.stats.skipped
+    for _ in range(taken):
+        full.step(logits_closure(reference), batch)
+    assert taken >= 5
+    assert opt.stats.loss.item() == pytest.approx(full.stats.loss.item(), rel=2e-2)
+
+
+def test_bad_loss_scale():
+    with pytest.raises(ValueError, match="Invalid loss_scale value"):
+        regopt.GradNormSGD(cnn(0).parameters(), micro_batch_size=2, penalty=0.1, loss_scale=0.0)
+    with pytest.raises(TypeError, match="Invalid loss_scale value"):
+        regopt.GradNormSGD(cnn(0).parameters(), micro_batch_size=2, penalty=0.1, loss_scale="static")
