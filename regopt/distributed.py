@@ -3,7 +3,7 @@
 Each rank r splits its own shard B_r of the step's batch into consecutive micro-batches
 and accumulates, with weights |M_j| (not yet divided by any batch size),
 
-    Σ_j |M_j| g_j,   Σ_j |M_j| ∇R_j,   Σ_j |M_j| L_j,   Σ_j |M_j| R_j,   Σ_j |M_j| ‖g_j‖²,   Σ_j ‖g_j‖,   k_r,
+    Σ_j |M_j| g_j, Σ_j |M_j| ∇R_j, Σ_j |M_j| L_j, Σ_j |M_j| R_j, Σ_j |M_j| ‖g_j‖², Σ_j ‖g_j‖, k_r,
 
 then :func:`all_reduce_accumulation` sums all of them, together with the shard sizes |B_r|,
 in a single all-reduce of one flat buffer, and divides the weighted sums by the global batch
@@ -28,9 +28,9 @@ micro-batch and in order, for its own micro-batches only, from its optimizer's `
 (or its global RNG when ``generator`` is None). Ranks whose generators are in the same state,
 as after the same seed (and, for the global RNG, the usual identical ``torch.manual_seed`` on
 every rank), draw the same numbers for their j-th micro-batches: UJ then uses the same
-direction u on every rank's j-th micro-batch, and FT the same uniforms, so the step averages
-fewer independent draws than a single process would. Give each rank its own stream, e.g.
-``generator=torch.Generator(device).manual_seed(seed + dist.get_rank())``, and save each
+direction u on every rank's j-th micro-batch, and FT the same random numbers for its labels,
+so the step averages fewer independent draws than a single process would. Give each rank its
+own stream, e.g. ``generator=torch.Generator(device).manual_seed(seed + dist.get_rank())``, and save each
 rank's ``state_dict()`` (the generator state is per rank) or reseed per rank after loading
 rank 0's. A distributed step equals a single-process step draw for draw when rank r's
 generator starts in the state a single process reaches after the micro-batches of ranks
@@ -39,23 +39,29 @@ replay of the closure's own draws (dropout) is local to each rank.
 
 Failures. The non-finite check runs after the all-reduce on every rank: a NaN or inf on one
 rank's micro-batch makes the reduced sums non-finite on all ranks, so every rank raises
-FloatingPointError (the offending rank names its micro-batch) or, with
-``skip_nonfinite=True``, every rank skips the step, with no collective left pending. An
-exception raised on one rank *before* the all-reduce (a closure error, out of memory) leaves
-the other ranks waiting in the all-reduce until the process group's timeout.
+FloatingPointError (the offending rank names its micro-batch) or, with ``skip_nonfinite=True``
+or loss scaling, every rank skips the step (a dynamic loss scale stays equal across ranks),
+with no collective left pending. An exception raised on one rank *before* the all-reduce (a
+closure error, out of memory) leaves the other ranks waiting in the all-reduce until the
+process group's timeout.
 
-DistributedDataParallel. regopt differentiates with ``torch.autograd.grad``, which never runs
-DDP's gradient hooks (they hang on the parameters' AccumulateGrad nodes, which only
-``backward()`` executes), so DDP never reduces anything in a regopt step: no double reduction,
-and no help either. DDP's forward still runs collectives and bookkeeping, though: with the
-default ``broadcast_buffers=True`` a model with buffers (BatchNorm) broadcasts rank 0's buffers
-at every forward, one collective per micro-batch, which deadlocks as soon as ranks hold
-different numbers of micro-batches (observed with gloo: a timeout), and with
-``find_unused_parameters=True`` the reducer is left expecting a backward that never comes (the
-process aborted at exit in the same experiment). So the closure must call the wrapped module,
+DistributedDataParallel. regopt differentiates with ``torch.autograd.grad(..., params)``, which
+never runs DDP's gradient hooks (post-hooks of the parameters' AccumulateGrad nodes, which only
+``backward()`` executes), so DDP reduces nothing in a regopt step, ``create_graph`` or not
+(pytorch#63812 and #63929 do not arise): no double reduction, and no help either. DDP's
+forward still runs collectives and bookkeeping, though: with the default
+``broadcast_buffers=True`` a model with buffers (BatchNorm) broadcasts rank 0's buffers at
+every forward, one collective per micro-batch, which deadlocks as soon as ranks hold different
+numbers of micro-batches (observed with gloo: a timeout), and with
+``find_unused_parameters=True`` and different numbers of forwards per rank a process aborted at
+exit in the same experiment. So the closure must call the wrapped module,
 ``ddp_model.module(x)``; DDP is then useful only for broadcasting rank 0's parameters and
 buffers at construction. :func:`ddp_forward_guard` turns a DDP forward inside a step into a
 clear error on every rank, before DDP's forward does anything.
+
+Buffers are not communicated: each rank's BatchNorm running statistics follow its own
+micro-batches (as under DDP with ``broadcast_buffers=False``). Average them over the ranks,
+or evaluate on one rank, before evaluating.
 """
 
 from __future__ import annotations
@@ -73,10 +79,9 @@ DDP_FORWARD_MESSAGE = (
     "the closure called a DistributedDataParallel module inside a regopt step. regopt all-reduces "
     "the gradients itself, once per step (torch.autograd.grad never runs DDP's gradient hooks), while "
     "DDP's forward would run its own collectives per micro-batch (buffer broadcast; deadlocks when ranks "
-    "hold different numbers of micro-batches) and leave its reducer waiting for a backward. Call the "
-    "wrapped module instead, e.g. `def closure(x, y): logits = ddp_model.module(x); "
-    "return F.cross_entropy(logits, y), logits`, or do not wrap the model in DDP (every rank must then "
-    "start from the same parameters)"
+    "hold different numbers of micro-batches). Call the wrapped module instead, e.g. "
+    "`def closure(x, y): logits = ddp_model.module(x); return F.cross_entropy(logits, y), logits`, "
+    "or do not wrap the model in DDP (every rank must then start from the same parameters)"
 )
 
 
@@ -135,7 +140,8 @@ def all_reduce_accumulation(acc: Accumulation, local_size: int, group: dist.Proc
     reduced_sums = flat[numel:].clone()
     total = reduced_sums[-1]  # |B|
     flat[:numel].div_(total)
-    torch._foreach_copy_(pieces, [v.view_as(t) for v, t in zip(flat[:numel].split([t.numel() for t in pieces]), pieces)])
+    reduced = flat[:numel].split([t.numel() for t in pieces])
+    torch._foreach_copy_(pieces, [v.view_as(t) for v, t in zip(reduced, pieces)])
     # Σ|M|L, Σ|M|R and Σ|M|‖g‖² become weighted by w_j = |M_j|/|B|; Σ_j ‖g_j‖ and k stay plain sums.
     weighted = torch.cat([reduced_sums[:3] / total, reduced_sums[3:5]]).to(acc.sums.dtype)
     return acc.reduced(acc.grad, acc.penalty_grad, weighted)

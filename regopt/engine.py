@@ -26,7 +26,7 @@ from .penalties import Penalty
 class Accumulation:
     """Weighted sums over one step's micro-batches (this process's share, before any all-reduce).
 
-    ``terms[j] = (L_j, R_j, ‖g_j‖²)`` per micro-batch, kept for the finiteness check;
+    ``terms[j] = (L_j, R_j, ‖g_j‖², ‖∇R_j‖²)`` per micro-batch, kept for the finiteness check;
     ``sums = (Σ w L, Σ w R, Σ w ‖g‖², Σ_j ‖g_j‖, k)`` as one float tensor.
     """
 
@@ -96,13 +96,13 @@ def accumulate(
     # The finite-difference pass replays the closure's random draws (dropout masks) exactly.
     replays_closure = penalty is not None and method == "finite_difference"
     grad_sum = penalty_grad_sum = None
-    losses, penalties, grad_sq_norms = [], [], []
+    rows = []  # (L_j, R_j, ‖g_j‖², ‖∇R_j‖²) as one 4-vector per micro-batch
     for micro in micro_batches:
         rng_before = _rng_state(device) if replays_closure else None
         out = call_closure(closure, micro, count, closure_autocast)
         if penalty is None:
             loss_grad = hvp.gradient(out.loss, params, loss_scale)
-            penalties.append(torch.zeros((), device=out.loss.device, dtype=out.loss.dtype))
+            penalty_value = penalty_grad_sq_norm = out.loss.new_zeros(())
         else:
             if penalty.needs_logits and out.logits is None:
                 raise TypeError(
@@ -122,15 +122,14 @@ def accumulate(
             grads = differentiate(out.loss, penalty.scalar(out.loss, out.logits, draw), params, gradient_at_shift, fd_eps,
                                   loss_scale)
             loss_grad = grads.loss_grad
-            penalties.append(grads.penalty)
+            penalty_value, penalty_grad_sq_norm = grads.penalty, hvp.squared_norm(grads.penalty_grad)
             penalty_grad_sum = _weighted_add(penalty_grad_sum, grads.penalty_grad, micro.weight)
-        losses.append(out.loss.detach())
-        grad_sq_norms.append(hvp.squared_norm(loss_grad))
+        rows.append(torch.stack([out.loss.detach(), penalty_value, hvp.squared_norm(loss_grad), penalty_grad_sq_norm]))
         grad_sum = _weighted_add(grad_sum, loss_grad, micro.weight)
         del out, loss_grad  # free this micro-batch's graph before the next forward
-    terms = torch.stack([torch.stack(losses), torch.stack(penalties), torch.stack(grad_sq_norms)], dim=1)
+    terms = torch.stack(rows)
     weights = torch.tensor([m.weight for m in micro_batches], dtype=terms.dtype).to(terms.device, non_blocking=True)
-    sums = torch.cat([weights @ terms, terms[:, 2].sqrt().sum().unsqueeze(0), terms.new_tensor([count])])
+    sums = torch.cat([weights @ terms[:, :3], terms[:, 2].sqrt().sum().unsqueeze(0), terms.new_tensor([count])])
     return Accumulation(grad_sum, penalty_grad_sum, terms, sums)
 
 
@@ -146,7 +145,8 @@ def first_nonfinite(acc: Accumulation, micro_batches: Sequence[MicroBatch], **st
         return None
     if not bool(finite.all()):
         j, column = (int(i) for i in (~finite).nonzero()[0])
-        term = ("loss L_j", "penalty R_j", "loss gradient squared norm ‖g_j‖²")[column]
+        term = ("loss L_j", "penalty R_j", "loss gradient squared norm ‖g_j‖²",
+                "penalty gradient squared norm ‖∇R_j‖²")[column]
         value = acc.terms[j, column].item()
         return f"non-finite {term} ({value}) on {micro_batches[j].describe(len(micro_batches))}"
     if not bool(named[0]):

@@ -38,7 +38,14 @@ def gradient(output: Tensor, params: Sequence[Tensor], loss_scale: float = 1.0, 
     """
     grads = torch.autograd.grad(_times(output, loss_scale), params, allow_unused=True, materialize_grads=True,
                                 **kwargs)
+    _check_dense(grads)
     return list(grads) if loss_scale == 1.0 else torch._foreach_div(grads, loss_scale)
+
+
+def _check_dense(grads: Sequence[Tensor]) -> None:
+    if any(g.layout != torch.strided for g in grads):
+        raise TypeError("sparse gradients are not supported (e.g. nn.Embedding(sparse=True)): "
+                        "regopt's norms and updates need dense gradients")
 
 
 def _times(tensor: Tensor, factor: float) -> Tensor:
@@ -50,16 +57,33 @@ def squared_norm(tensors: Sequence[Tensor]) -> Tensor:
     return torch.stack(torch._foreach_norm(tensors)).square().sum()
 
 
+_NO_DOUBLE_BACKWARD = ("double backward", "derivative for")
+
+
 def exact(loss: Tensor, scalar: Tensor, params: Sequence[Tensor], gradient_at_shift: Callable[[], list[Tensor]],
           fd_eps: float, loss_scale: float = 1.0) -> MicroGradients:
     """∇R_j = ∇_θ ‖∇_θ S_j‖² by double backprop (``gradient_at_shift`` and ``fd_eps`` are unused).
 
     With a loss scale s both passes run scaled: v^s = ∇(s S_j), R_j = ‖v^s‖²/s², and
     ∇R_j = ∇(‖v^s‖²/s)/s, so the micro-batch gradient is unscaled before it is squared.
+    A model without a double backward gets an error that points to ``finite_difference``.
     """
+    try:
+        return _exact(loss, scalar, params, loss_scale)
+    except RuntimeError as error:
+        if not any(text in str(error) for text in _NO_DOUBLE_BACKWARD):
+            raise
+        raise RuntimeError(
+            f"method='exact' needs a double backward, which this model does not support ({error}). Fused "
+            "attention kernels and torch.compile'd modules have none: use method='finite_difference'."
+        ) from error
+
+
+def _exact(loss: Tensor, scalar: Tensor, params: Sequence[Tensor], loss_scale: float) -> MicroGradients:
     shares_graph = scalar is loss
     scaled_v = torch.autograd.grad(_times(scalar, loss_scale), params, create_graph=True, allow_unused=True,
                                    materialize_grads=True)
+    _check_dense(scaled_v)
     penalty = _times(squared_norm(scaled_v), loss_scale**-2)
     # For GN, v_j is g_j itself; otherwise g_j needs its own first-order pass.
     if shares_graph:  # (out of place: scaled_v is still needed by the double backward)

@@ -163,7 +163,10 @@ class MicroBatchSGD(torch.optim.SGD):
         self.state[_STATE_KEY] = extra
 
     def _trainable_params(self) -> list[Tensor]:
-        return [p for group in self.param_groups for p in group["params"] if p.requires_grad]
+        params = [p for group in self.param_groups for p in group["params"] if p.requires_grad]
+        if any(p.is_complex() for p in params):
+            raise TypeError("complex parameters are not supported: R_j = ‖v_j‖² and the step lengths assume real ones")
+        return params
 
     # -- the step -----------------------------------------------------------------------
     def step(self, closure: Callable[..., Any] | None = None, batch: Batch | None = None) -> Tensor:  # type: ignore[override]
@@ -188,15 +191,13 @@ class MicroBatchSGD(torch.optim.SGD):
     def _step(self, closure, micro_batches, params, generator_state, closure_autocast) -> Tensor:
         group = self.process_group
         try:
-            acc = accumulate(closure, micro_batches, params, self._penalty, self.method, self.generator, self.fd_eps,
-                             closure_autocast, self.current_loss_scale)
+            with distributed.ddp_forward_guard():  # the closure must call ddp_model.module, not ddp_model
+                acc = accumulate(closure, micro_batches, params, self._penalty, self.method, self.generator,
+                                 self.fd_eps, closure_autocast, self.current_loss_scale)
             if group is not None:
                 acc = distributed.all_reduce_accumulation(acc, micro_batches[-1].stop, group)
             grad_norm = hvp.squared_norm(acc.grad).sqrt()
-            step_terms = {"large-batch gradient norm ‖G‖": grad_norm}
-            if acc.penalty_grad is not None:
-                step_terms["penalty gradient norm ‖Σ w_j ∇R_j‖"] = hvp.squared_norm(acc.penalty_grad).sqrt()
-            problem = first_nonfinite(acc, micro_batches, **step_terms)
+            problem = first_nonfinite(acc, micro_batches, **{"large-batch gradient norm ‖G‖": grad_norm})
             if problem is not None and not (self.skip_nonfinite or self.loss_scale is not None):
                 raise FloatingPointError(f"{problem}; the step was not taken")
         except BaseException:

@@ -38,6 +38,9 @@ def _no_draw(logits: Tensor | None, generator: torch.Generator | None) -> None:
 def _sample_labels(logits: Tensor, generator: torch.Generator | None) -> Tensor:
     """ŷ_i ~ Categorical(softmax(logits_i)), one label per example; not differentiated."""
     probs = torch.softmax(logits.detach().float(), dim=1)
+    # Non-finite logits draw from a uniform row instead of failing inside multinomial: R_j is then
+    # non-finite and the step's finiteness check names the micro-batch (no host sync here).
+    probs = torch.where(probs.isfinite().all(dim=1, keepdim=True), probs, 1.0 / probs.shape[1])
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import regopt
-from conftest import assert_same_state, cnn, data_for, loss_closure, mlp, snapshot
+from support import assert_same_state, cnn, data_for, loss_closure, mlp, snapshot
 
 
 def _micro_gradients(model, x, y, micro):

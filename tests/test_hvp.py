@@ -9,7 +9,7 @@ from torch import nn
 
 import regopt
 from regopt import hvp
-from conftest import assert_close_models, cnn, data_for, logits_closure, loss_closure, mlp
+from support import assert_close_models, cnn, data_for, logits_closure, loss_closure, mlp
 
 
 def _penalty_gradients(model, method, eps, closure_of=loss_closure):

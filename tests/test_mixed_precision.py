@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import regopt
-from conftest import assert_close_models, assert_same_state, cnn, data_for, logits_closure, snapshot
+from support import assert_close_models, assert_same_state, cnn, data_for, logits_closure, snapshot
 
 MAKERS = {
     "LB": lambda p, **k: regopt.MicroBatchSGD(p, **k),

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import regopt
-from conftest import (assert_close_models, assert_same_state, cnn, data_for, logits_closure, loss_closure, mlp,
+from support import (assert_close_models, assert_same_state, cnn, data_for, logits_closure, loss_closure, mlp,
                       requires_cuda, snapshot)
 
 PENALIZED = {

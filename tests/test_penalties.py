@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import regopt
 from regopt import penalties
-from conftest import logits_closure, mlp
+from support import logits_closure, mlp
 
 
 def _mean_penalty(optimizer, model, batch, steps):

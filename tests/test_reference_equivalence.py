@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 import regopt
 from regopt import reference
 
-from conftest import assert_close_models, cnn, data_for, logits_closure, mlp
+from support import assert_close_models, cnn, data_for, logits_closure, mlp
 
 # name -> (constructor, reference keyword arguments)
 OPTIMIZERS = {

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import regopt
-from conftest import cnn, data_for, loss_closure
+from support import cnn, data_for, loss_closure
 
 
 def test_stats_are_tensors_and_consistent():

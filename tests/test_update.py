@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from regopt.update import sgd_update
-from conftest import mlp
+from support import mlp
 
 
 @pytest.mark.parametrize("options", [

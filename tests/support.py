@@ -1,0 +1,89 @@
+"""Shared test helpers: small float64 models, batches, closures and state comparison."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+CLASSES = 4
+
+
+def mlp(seed: int, width: int = 5, inputs: int = 3, outputs: int = CLASSES, act: type[nn.Module] = nn.Tanh) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(inputs, width), act(), nn.Linear(width, outputs)).double()
+
+
+def cnn(seed: int, batch_norm: bool = True, outputs: int = CLASSES, act: type[nn.Module] = nn.Tanh) -> nn.Module:
+    """A 1×6×6 → ``outputs`` conv net (BatchNorm2d optional)."""
+    torch.manual_seed(seed)
+    layers = [nn.Conv2d(1, 3, 3)]
+    if batch_norm:
+        layers.append(nn.BatchNorm2d(3))
+    layers += [act(), nn.Flatten(), nn.Linear(3 * 4 * 4, outputs)]
+    return nn.Sequential(*layers).double()
+
+
+def data_for(model: nn.Module, size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    first = model[0]
+    shape = (size, 1, 6, 6) if isinstance(first, nn.Conv2d) else (size, first.in_features)
+    outputs = model[-1].out_features
+    return torch.randn(shape, generator=g, dtype=torch.float64), torch.randint(0, outputs, (size,), generator=g)
+
+
+def loss_closure(model: nn.Module):
+    return lambda x, y: F.cross_entropy(model(x), y)
+
+
+def logits_closure(model: nn.Module):
+    def closure(x, y):
+        logits = model(x)
+        return F.cross_entropy(logits, y), logits
+    return closure
+
+
+def snapshot(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Everything a failed step must leave alone: parameters, buffers, .grad, optimizer state."""
+    return {
+        "params": [p.detach().clone() for p in model.parameters()],
+        "grads": [None if p.grad is None else p.grad.clone() for p in model.parameters()],
+        "buffers": [b.clone() for b in model.buffers()],
+        "state": copy.deepcopy(optimizer.state_dict()),
+    }
+
+
+def assert_same_state(before: dict, after: dict) -> None:
+    for a, b in zip(before["params"], after["params"]):
+        assert torch.equal(a, b)
+    for a, b in zip(before["grads"], after["grads"]):
+        assert (a is None and b is None) or torch.equal(a, b)
+    assert_nested_equal(before["state"], after["state"])
+
+
+def assert_nested_equal(a, b) -> None:
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), (a, b)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert_nested_equal(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_nested_equal(x, y)
+    else:
+        assert a == b
+
+
+def assert_close_models(a: nn.Module, b: nn.Module, rtol: float = 1e-10, atol: float = 1e-12) -> None:
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=rtol, atol=atol)
+    for p, q in zip(a.buffers(), b.buffers()):
+        torch.testing.assert_close(p, q, rtol=rtol, atol=atol)
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

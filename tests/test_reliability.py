@@ -1,0 +1,259 @@
+"""Reliability: fuzzed bad input and faults leave everything unchanged; unsupported setups say what to do;
+resumed runs are bit-identical; long runs do not leak."""
+
+from __future__ import annotations
+
+import copy
+import gc
+import io
+import resource
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import regopt
+from support import assert_close_models, assert_same_state, cnn, data_for, logits_closure, mlp, snapshot
+
+OPTIMIZERS = {
+    "LB": lambda p, g, **k: regopt.MicroBatchSGD(p, **k),
+    "GN": lambda p, g, **k: regopt.GradNormSGD(p, penalty=0.2, **k),
+    "GN-fd": lambda p, g, **k: regopt.GradNormSGD(p, penalty=0.2, method="finite_difference", **k),
+    "FT": lambda p, g, **k: regopt.FisherTraceSGD(p, penalty=0.2, generator=g, **k),
+    "AJ": lambda p, g, **k: regopt.JacobianRegSGD(p, penalty=0.2, kind="average", **k),
+    "UJ": lambda p, g, **k: regopt.JacobianRegSGD(p, penalty=0.2, kind="unit", generator=g, **k),
+    "GRAFT-iter": lambda p, g, **k: regopt.GraftedSGD(p, mode="iterative", **k),
+    "GRAFT-ext": lambda p, g, **k: regopt.GraftedSGD(p, mode="external", norms=lambda t: 0.5, **k),
+    "NGD": lambda p, g, **k: regopt.GraftedSGD(p, mode="normalized", **k),
+}
+fuzz = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                        HealthCheck.function_scoped_fixture])
+
+
+def _primed(name, seed=0):
+    """A model and optimizer after one good step: momentum, .grad, generator and step count all exist."""
+    model = mlp(seed)
+    opt = OPTIMIZERS[name](model.parameters(), torch.Generator().manual_seed(seed), lr=0.1, momentum=0.9,
+                           micro_batch_size=3)
+    opt.step(logits_closure(model), data_for(model, 7))
+    return model, opt
+
+
+def _full_snapshot(model, opt):
+    state = snapshot(model, opt)
+    state["generator"] = opt.generator.get_state() if opt.generator is not None else None
+    return state
+
+
+def _assert_unchanged(before, model, opt):
+    after = _full_snapshot(model, opt)
+    assert_same_state(before, after)
+    if before["generator"] is not None:
+        assert torch.equal(before["generator"], after["generator"])
+
+
+@st.composite
+def malformed_batches(draw):
+    x, y = data_for(mlp(0), 6)
+    kind = draw(st.sampled_from(["sizes", "non-tensor", "nested", "empty", "scalar-leaf", "container"]))
+    if kind == "sizes":
+        cut = draw(st.integers(0, 5))
+        layout = draw(st.sampled_from(["tuple", "list", "dict"]))
+        parts = (x, y[:cut])
+        batch = {"tuple": parts, "list": list(parts), "dict": {"x": parts[0], "y": parts[1]}}[layout]
+        return batch, ValueError, "disagree on the leading" if cut else "disagree on the leading|empty"
+    if kind == "non-tensor":
+        junk = draw(st.sampled_from([None, 3, "y", [1, 2, 3, 4, 5, 6], 2.5]))
+        return (x, junk), TypeError, r"batch\[1\] must be a Tensor"
+    if kind == "nested":
+        return (x, (y, y)), TypeError, r"batch\[1\] must be a Tensor, got tuple"
+    if kind == "empty":
+        return draw(st.sampled_from([(), [], {}, (x[:0], y[:0])])), ValueError, "empty"
+    if kind == "scalar-leaf":
+        return (x, torch.tensor(1)), ValueError, "0-dimensional"
+    return draw(st.sampled_from([{1, 2}, 7, "batch"])), TypeError, "batch must be a Tensor"
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+@fuzz
+@given(case=malformed_batches())
+def test_fuzzed_batches_raise_and_change_nothing(name, case):
+    batch, error, match = case
+    model, opt = _primed(name)
+    before = _full_snapshot(model, opt)
+    with pytest.raises(error, match=match):
+        opt.step(logits_closure(model), batch)
+    _assert_unchanged(before, model, opt)
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+@fuzz
+@given(batch_size=st.integers(1, 12), bad_call=st.integers(0, 11),
+       fault=st.sampled_from(["raise", "nan-loss", "inf-loss", "inf-logits", "nan-logits", "wrong-dtype"]))
+def test_fuzzed_faults_raise_and_change_nothing(name, batch_size, bad_call, fault):
+    model, opt = _primed(name)
+    micro_batches = -(-batch_size // 3)
+    calls_per_micro_batch = 2 if name.endswith("-fd") else 1  # finite differences replay the closure
+    bad_call %= micro_batches * calls_per_micro_batch
+    bad_micro, in_replay = divmod(bad_call, calls_per_micro_batch)
+    calls = []
+    error = ValueError("closure failed")
+
+    def closure(x, y):
+        calls.append(1)
+        if len(calls) - 1 == bad_call:
+            if fault == "raise":
+                raise error
+            if fault == "wrong-dtype":
+                x = x.float()  # float32 input into a float64 model: torch's own error propagates
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+        if len(calls) - 1 == bad_call and fault.endswith("-loss"):
+            loss = loss * float(fault.split("-")[0])
+        if len(calls) - 1 == bad_call and fault.endswith("-logits"):
+            logits = logits * float(fault.split("-")[0])  # non-finite penalty for the logit penalties
+        return loss, logits
+
+    before = _full_snapshot(model, opt)
+    penalized_by_logits = name in {"FT", "AJ", "UJ"}
+    expect_error = fault in {"raise", "wrong-dtype", "nan-loss", "inf-loss"} or (
+        penalized_by_logits and fault.endswith("-logits"))
+    if not expect_error:  # logits unused by this optimizer: the step is fine
+        opt.step(closure, data_for(model, batch_size))
+        return
+    expected = {"raise": ValueError, "wrong-dtype": RuntimeError}.get(fault, FloatingPointError)
+    with pytest.raises(expected) as info:
+        opt.step(closure, data_for(model, batch_size))
+    if fault == "raise":
+        assert info.value is error
+    elif expected is FloatingPointError:
+        assert f"on micro-batch {bad_micro} of {micro_batches}" in str(info.value)
+        term = "penalty gradient" if in_replay else "loss L_j" if fault.endswith("loss") else "penalty R_j"
+        assert term in str(info.value)
+    _assert_unchanged(before, model, opt)
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_skip_nonfinite_skips_on_any_term(name):
+    model = mlp(1)
+    opt = OPTIMIZERS[name](model.parameters(), torch.Generator().manual_seed(0), lr=0.1, momentum=0.9,
+                           micro_batch_size=3, skip_nonfinite=True)
+    opt.step(logits_closure(model), data_for(model, 7))
+    before = _full_snapshot(model, opt)
+    loss = opt.step(lambda x, y: (F.cross_entropy(model(x), y) * float("nan"), model(x)), data_for(model, 7))
+    assert opt.stats.skipped and torch.isnan(loss)
+    _assert_unchanged(before, model, opt)
+
+
+# -- known-unsupported setups ----------------------------------------------------------------------------------
+
+class TinyAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.q, self.out = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.q(x).view(x.shape[0], 1, 2, 2)
+        return self.out(F.scaled_dot_product_attention(h, h, h).reshape(x.shape[0], 4))
+
+
+def _attention_closure(model):
+    return lambda x, y: F.cross_entropy(model(x), y)
+
+
+@pytest.mark.parametrize("build", [TinyAttention, lambda: torch.compile(
+    nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)), backend="aot_eager")], ids=["sdpa", "compiled"])
+def test_models_without_double_backward_point_to_finite_difference(build):
+    model = build()
+    batch = (torch.randn(6, 4), torch.randint(0, 3, (6,)))
+    exact = regopt.GradNormSGD(model.parameters(), lr=0.1, momentum=0.9, micro_batch_size=3, penalty=0.1)
+    before = snapshot(model, exact)
+    with pytest.raises(RuntimeError, match="method='finite_difference'"):
+        exact.step(_attention_closure(model), batch)
+    assert_same_state(before, snapshot(model, exact))
+    fd = regopt.GradNormSGD(model.parameters(), lr=0.1, micro_batch_size=3, penalty=0.1, method="finite_difference")
+    fd.step(_attention_closure(model), batch)
+    assert torch.isfinite(fd.stats.penalty) and fd.stats.penalty > 0
+
+
+def test_sparse_gradients_are_refused():
+    embedding = nn.Embedding(5, 3, sparse=True)
+    opt = regopt.GradNormSGD(embedding.parameters(), lr=0.1, micro_batch_size=3, penalty=0.1)
+    before = embedding.weight.detach().clone()
+    with pytest.raises(TypeError, match="sparse gradients are not supported"):
+        opt.step(lambda i, y: F.cross_entropy(embedding(i), y), (torch.randint(0, 5, (6,)), torch.randint(0, 3, (6,))))
+    assert torch.equal(embedding.weight, before) and embedding.weight.grad is None
+
+
+def test_complex_parameters_are_refused():
+    weight = nn.Parameter(torch.randn(3, dtype=torch.complex64))
+    opt = regopt.MicroBatchSGD([weight], lr=0.1, micro_batch_size=2)
+    with pytest.raises(TypeError, match="complex parameters are not supported"):
+        opt.step(lambda x: (weight * x).abs().sum(), torch.randn(4, 3, dtype=torch.complex64))
+
+
+# -- resume ------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["GN", "FT", "UJ", "GRAFT-ext"])
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(stop=st.integers(1, 5), seed=st.integers(0, 100))
+def test_interrupted_runs_resume_bit_identically(name, stop, seed):
+    batches = [data_for(cnn(0), 7, seed=seed + t) for t in range(6)]
+
+    def fresh(model_seed):
+        model = cnn(model_seed)
+        generator = torch.Generator().manual_seed(seed)
+        opt = OPTIMIZERS[name](model.parameters(), generator, lr=0.1, momentum=0.9, micro_batch_size=3)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=6)
+        return model, opt, scheduler
+
+    def train(model, opt, scheduler, part):
+        torch.manual_seed(1000 + len(part))  # the global RNG differs between the runs; only generators matter
+        for batch in part:
+            opt.step(logits_closure(model), batch)
+            scheduler.step()
+
+    straight = fresh(seed)
+    train(*straight, batches)
+    first = fresh(seed)
+    train(*first, batches[:stop])
+    buffer = io.BytesIO()
+    torch.save({"model": first[0].state_dict(), "opt": first[1].state_dict(), "sched": first[2].state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=False)
+    resumed = fresh(seed + 1)
+    resumed[0].load_state_dict(saved["model"])
+    resumed[1].load_state_dict(saved["opt"])
+    resumed[2].load_state_dict(saved["sched"])
+    train(*resumed, batches[stop:])
+    assert_close_models(straight[0], resumed[0], rtol=0, atol=0)
+
+
+# -- soak --------------------------------------------------------------------------------------------------------
+
+def _live_tensors() -> int:
+    gc.collect()
+    return sum(1 for obj in gc.get_objects() if isinstance(obj, torch.Tensor))
+
+
+@pytest.mark.slow
+def test_soak_five_thousand_steps_without_growth():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    x, y = torch.randn(4, 3, dtype=torch.float64), torch.randint(0, 3, (4,))
+    closure = logits_closure(model)
+    for name, make in OPTIMIZERS.items():
+        opt = make(model.parameters(), torch.Generator().manual_seed(0), lr=1e-3, micro_batch_size=2)
+        for _ in range(50):
+            opt.step(closure, (x, y))
+        tensors, rss = _live_tensors(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        for _ in range(5000):
+            opt.step(closure, (x, y))
+        assert _live_tensors() <= tensors, name
+        assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss < 20_000, name  # KiB
+        assert torch.isfinite(opt.stats.loss) and torch.isfinite(opt.stats.penalty), name
+        assert all(torch.isfinite(p).all() for p in model.parameters()), name
