@@ -42,8 +42,10 @@ rank's micro-batch makes the reduced sums non-finite on all ranks, so every rank
 FloatingPointError (the offending rank names its micro-batch) or, with ``skip_nonfinite=True``
 or loss scaling, every rank skips the step (a dynamic loss scale stays equal across ranks),
 with no collective left pending. An exception raised on one rank *before* the all-reduce (a
-closure error, out of memory) leaves the other ranks waiting in the all-reduce until the
-process group's timeout.
+closure error, out of memory) still joins the step's all-reduce with a NaN buffer
+(:func:`join_failed_step`), so the other ranks raise FloatingPointError (or skip) instead of
+waiting for the process group's timeout, and that rank re-raises its own exception. Errors
+found before the micro-batch loop (a malformed or empty shard) raise on that rank alone.
 
 DistributedDataParallel. regopt differentiates with ``torch.autograd.grad(..., params)``, which
 never runs DDP's gradient hooks (post-hooks of the parameters' AccumulateGrad nodes, which only
@@ -145,3 +147,15 @@ def all_reduce_accumulation(acc: Accumulation, local_size: int, group: dist.Proc
     # Σ|M|L, Σ|M|R and Σ|M|‖g‖² become weighted by w_j = |M_j|/|B|; Σ_j ‖g_j‖ and k stay plain sums.
     weighted = torch.cat([reduced_sums[:3] / total, reduced_sums[3:5]]).to(acc.sums.dtype)
     return acc.reduced(acc.grad, acc.penalty_grad, weighted)
+
+
+def join_failed_step(params: Sequence[Tensor], penalized: bool, group: dist.ProcessGroup) -> None:
+    """Take part in the step's all-reduce with a NaN buffer after this rank failed before it.
+
+    The other ranks then see non-finite sums and raise FloatingPointError (or skip the step)
+    instead of waiting for this rank until the process group's timeout; this rank re-raises
+    its own exception. The buffer has the layout of :func:`all_reduce_accumulation`'s.
+    """
+    numel = sum(p.numel() for p in params) * (2 if penalized else 1) + 6  # + 5 sums + |B_r|
+    flat = torch.full((numel,), float("nan"), dtype=_wire_dtype(params), device=params[0].device)
+    dist.all_reduce(flat, group=group)

@@ -190,11 +190,13 @@ class MicroBatchSGD(torch.optim.SGD):
 
     def _step(self, closure, micro_batches, params, generator_state, closure_autocast) -> Tensor:
         group = self.process_group
+        reduced = False  # whether this rank has taken part in the step's all-reduce
         try:
             with distributed.ddp_forward_guard():  # the closure must call ddp_model.module, not ddp_model
                 acc = accumulate(closure, micro_batches, params, self._penalty, self.method, self.generator,
                                  self.fd_eps, closure_autocast, self.current_loss_scale)
             if group is not None:
+                reduced = True
                 acc = distributed.all_reduce_accumulation(acc, micro_batches[-1].stop, group)
             grad_norm = hvp.squared_norm(acc.grad).sqrt()
             problem = first_nonfinite(acc, micro_batches, **{"large-batch gradient norm ‖G‖": grad_norm})
@@ -203,6 +205,8 @@ class MicroBatchSGD(torch.optim.SGD):
         except BaseException:
             if generator_state is not None:  # a failed step draws nothing
                 self.generator.set_state(generator_state)
+            if group is not None and not reduced:  # don't leave the other ranks waiting in the all-reduce
+                distributed.join_failed_step(params, self._penalty is not None, group)
             raise
         self.stats = StepStats(
             loss=acc.loss,

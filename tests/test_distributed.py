@@ -306,6 +306,32 @@ def nonfinite_step(rank: int, skip: bool) -> dict[str, Any]:
     return result
 
 
+def closure_raises_on_one_rank(rank: int) -> dict[str, Any]:
+    """Rank 1's closure raises on its second micro-batch: it re-raises, rank 0 is told, nobody hangs."""
+    full = make_batch(16)
+    model = make_model()
+    opt, gen = make_optimizer("GN", model.parameters(), 4)
+    before = flat_params(model)
+    calls = []
+    plain = make_closure(model)
+
+    def closure(*args):
+        calls.append(1)
+        if rank == 1 and len(calls) == 2:
+            raise KeyError("rank 1 failed")
+        return plain(*args)
+    with count_collectives() as count:
+        try:
+            opt.step(closure, shard(full, 8 * rank, 8 * rank + 8))
+            outcome = "stepped"
+        except (KeyError, FloatingPointError) as error:
+            outcome = f"{type(error).__name__}: {error}"
+    result = dict(outcome=outcome, unchanged=flat_params(model) == before, counts=dict(count))
+    opt.step(make_closure(model), shard(full, 8 * rank, 8 * rank + 8))  # the group is still in step
+    result.update(after_clean_step=flat_params(model))
+    return result
+
+
 def ddp_forward_in_step(rank: int) -> dict[str, Any]:
     """A closure that calls the DDP wrapper itself: the optimizer should refuse it on every rank."""
     model = make_model(seed=rank)
@@ -365,6 +391,7 @@ def two_rank_worker(rank: int, world_size: int) -> dict[str, Any]:
                                                                       batch_norm=True)
     named["nonfinite/raise"] = lambda: nonfinite_step(rank, skip=False)
     named["nonfinite/skip"] = lambda: nonfinite_step(rank, skip=True)
+    named["closure-raises"] = lambda: closure_raises_on_one_rank(rank)
     named["ddp/forward-in-step"] = lambda: ddp_forward_in_step(rank)
     named["ddp/guard"] = lambda: ddp_guard_direct(rank)
     named["wire/bfloat16"] = lambda: low_precision_wire(rank)
@@ -503,6 +530,15 @@ def test_nonfinite_on_one_rank_is_seen_by_every_rank(two_ranks: list[dict], skip
         assert "micro-batch 1 of 2 (examples 4:8)" in ranks[1]["outcome"]
 
 
+def test_an_exception_on_one_rank_reaches_every_rank_without_a_hang(two_ranks: list[dict]) -> None:
+    ranks = per_rank(two_ranks, "closure-raises")
+    assert ranks[1]["outcome"] == "KeyError: 'rank 1 failed'"
+    assert ranks[0]["outcome"].startswith("FloatingPointError") and "another rank" in ranks[0]["outcome"]
+    for r in ranks:
+        assert r["unchanged"] and r["counts"] == {"all_reduce": 1}
+        assert r["after_clean_step"] == ranks[0]["after_clean_step"]
+
+
 def test_ddp_guard_refuses_a_ddp_forward_and_removes_its_hook(two_ranks: list[dict]) -> None:
     for r in per_rank(two_ranks, "ddp/guard"):
         assert r["inside"] == regopt_distributed.DDP_FORWARD_MESSAGE
@@ -512,8 +548,6 @@ def test_ddp_guard_refuses_a_ddp_forward_and_removes_its_hook(two_ranks: list[di
 def test_ddp_forward_inside_a_step_raises_on_every_rank(two_ranks: list[dict]) -> None:
     ranks = per_rank(two_ranks, "ddp/forward-in-step")
     assert all(r["synced"] == ranks[0]["synced"] for r in ranks)
-    if all(r["outcome"] == "stepped" for r in ranks):
-        pytest.skip("MicroBatchSGD.step does not run its micro-batches under distributed.ddp_forward_guard() yet")
     for r in ranks:
         assert r["outcome"] == f"RuntimeError: {regopt_distributed.DDP_FORWARD_MESSAGE}"
         assert r["unchanged"]
