@@ -97,7 +97,7 @@ def run(args) -> dict:
         model = model.to(memory_format=torch.channels_last)
     steppers = make_steppers(args, model, args.penalty)
     if args.only:
-        steppers = {k: v for k, v in steppers.items() if k in args.only or k == "SGD-accum"}
+        steppers = {k: v for k, v in steppers.items() if k in args.only or k in ("SGD-accum", "LB")}
     batch = (torch.randn(args.batch, in_channels, size, size, device=device),
              torch.randint(0, 10, (args.batch,), device=device))
     if args.channels_last:
@@ -126,6 +126,7 @@ def run(args) -> dict:
             "method": name,
             "ms_per_step": 1e3 * median[name],
             "ratio_to_sgd_accum": median[name] / median["SGD-accum"],
+            "ratio_to_lb": median[name] / median["LB"] if "LB" in median else None,
             "ratio_to_reference": median[name] / median[ref_name] if ref_name in median else None,
             "peak_mib": peaks[name] / 2**20 if device.type == "cuda" else None,
             "times_ms": [1e3 * t for t in times[name]],
@@ -140,11 +141,12 @@ def run(args) -> dict:
 
 
 def markdown(result: dict) -> str:
-    lines = ["| method | ms/step | × SGD-accum | × reference | peak MiB |", "|---|---:|---:|---:|---:|"]
+    lines = ["| method | ms/step | × SGD-accum | × LB | × reference | peak MiB |", "|---|---:|---:|---:|---:|---:|"]
+    ratio = lambda value: f"{value:.2f}" if value is not None else ""  # noqa: E731
     for row in result["rows"]:
-        ref = f"{row['ratio_to_reference']:.2f}" if row["ratio_to_reference"] is not None else ""
         peak = f"{row['peak_mib']:.0f}" if row["peak_mib"] is not None else "n/a"
-        lines.append(f"| {row['method']} | {row['ms_per_step']:.1f} | {row['ratio_to_sgd_accum']:.2f} | {ref} | {peak} |")
+        lines.append(f"| {row['method']} | {row['ms_per_step']:.1f} | {row['ratio_to_sgd_accum']:.2f} | "
+                     f"{ratio(row['ratio_to_lb'])} | {ratio(row['ratio_to_reference'])} | {peak} |")
     return "\n".join(lines)
 
 
@@ -160,7 +162,7 @@ def parse_args(argv=None):
     parser.add_argument("--penalty", type=float, default=0.01)
     parser.add_argument("--methods", nargs="+", default=["exact", "finite_difference"],
                         choices=["exact", "finite_difference"])
-    parser.add_argument("--only", nargs="+", help="time only these rows (and SGD-accum)")
+    parser.add_argument("--only", nargs="+", help="time only these rows (and SGD-accum, LB)")
     parser.add_argument("--no-reference", action="store_true", help="skip the slow regopt.reference rows")
     parser.add_argument("--bf16", action="store_true", help="run every step under torch.autocast(bfloat16)")
     parser.add_argument("--channels-last", action="store_true")

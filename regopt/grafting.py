@@ -51,11 +51,19 @@ class GraftedSGD(MicroBatchSGD):
         self.mode = mode
         self.norms = norms
 
+    def _prepare_step(self) -> None:
+        # Read norms[t] before any work, so that a schedule that ran out changes nothing.
+        self._external_length = self._recorded_length() if self.mode == "external" else None
+
     def _step_length(self, acc: Accumulation) -> Tensor | float:
         if self.mode == "iterative":
             return acc.mean_micro_grad_norm
         if self.mode == "normalized":
             return 1.0
+        return self._external_length
+
+    def _recorded_length(self) -> float:
+        """s = norms[t] (or norms(t)) for the coming step t, checked."""
         t = self.step_count
         if callable(self.norms):
             length = self.norms(t)

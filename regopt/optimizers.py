@@ -181,6 +181,7 @@ class MicroBatchSGD(torch.optim.SGD):
         params = self._trainable_params()
         if not params:
             raise ValueError("no parameter requires grad: nothing to optimize")
+        self._prepare_step()
         generator_state = self.generator.get_state() if self.generator is not None else None
         device = params[0].device
         closure_autocast = autocast_state(device)
@@ -228,6 +229,9 @@ class MicroBatchSGD(torch.optim.SGD):
         sgd_update(self)
         self._update_state(step=self.step_count + 1)
         return acc.loss
+
+    def _prepare_step(self) -> None:
+        """Check, before any work, what the step will need besides its batch (nothing here)."""
 
     def _applied_gradient(self, acc: Accumulation, grad_norm: Tensor) -> list[Tensor]:
         """The gradient handed to SGD's update: G here."""
