@@ -5,8 +5,9 @@
 
 Every micro-batch is forwarded once in train mode (the finite-difference pass
 runs with buffers frozen), its graph is freed before the next one starts, and
-nothing here synchronizes with the host. The optimizers turn G and P into the
-applied gradient and hand it to torch.optim.SGD's update.
+``accumulate`` never synchronizes with the host; ``first_nonfinite`` makes the
+step's one synchronization. The optimizers turn G and P into the applied gradient
+and hand it to torch.optim.SGD's update.
 """
 
 from __future__ import annotations
