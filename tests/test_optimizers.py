@@ -47,7 +47,8 @@ def test_zero_penalty_equals_micro_batch_sgd(name, method):
 
 
 @pytest.mark.parametrize("options", [{}, {"momentum": 0.9, "nesterov": True, "weight_decay": 1e-2},
-                                     {"momentum": 0.5, "dampening": 0.5, "maximize": True, "foreach": False}])
+                                     {"momentum": 0.5, "dampening": 0.5, "maximize": True, "foreach": False},
+                                     {"momentum": 0.9, "fused": True}])
 def test_one_micro_batch_equals_torch_sgd(options):
     a, b = cnn(2), cnn(2)
     ours = regopt.MicroBatchSGD(a.parameters(), lr=0.1, micro_batch_size=8, **options)
