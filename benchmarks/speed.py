@@ -90,6 +90,8 @@ def synchronize(device):
 
 def run(args) -> dict:
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     in_channels, size = (1, 28) if args.model == "small-cnn" else (3, 32)
     model = build_model(args.model, num_classes=10, in_channels=in_channels).to(device)
@@ -166,6 +168,7 @@ def parse_args(argv=None):
     parser.add_argument("--no-reference", action="store_true", help="skip the slow regopt.reference rows")
     parser.add_argument("--bf16", action="store_true", help="run every step under torch.autocast(bfloat16)")
     parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--json", type=Path, help="where to write the JSON (default results/speed/<time>.json)")
     return parser.parse_args(argv)
 
