@@ -1,0 +1,388 @@
+"""Data sets for the reproduction benchmark, held on the device as tensors.
+
+Every data set is loaded once into uint8 image tensors (N, C, H, W) and int64 labels, split
+into train / held-out / test, and moved to the training device. A training batch is cut
+from the train tensors by index and augmented there, batched, on the device (random crop
+with zero padding and horizontal flip for CIFAR), then normalized: there is no per-sample
+Python work in the training loop.
+
+| data set | train | held-out (model selection) | test (reported) |
+|---|---|---|---|
+| Fashion-MNIST | first 50,000 training images | last 10,000 training images | official 10,000 |
+| CIFAR-10 / CIFAR-100 | first 40,000 training images | last 10,000 training images | official 10,000 |
+| synthetic | generated (for tests and smoke runs) | generated | generated |
+
+Fashion-MNIST is read from the IDX files (``train-images-idx3-ubyte[.gz]`` etc.), looked
+for in ``$REGOPT_DATA``, in ``/usr/share/datasets/fashion-mnist`` (Debian's
+``dataset-fashion-mnist`` package) and in a torchvision root (``<root>/FashionMNIST/raw``).
+CIFAR is read from torchvision's folder layout (``<root>/cifar-10-batches-py``,
+``<root>/cifar-100-python``): the pickles are loaded here directly, so no checksum is
+computed and small hand-made files in the same format load too. Nothing is downloaded
+unless ``download=True``, which goes through torchvision.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import pickle
+import struct
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+DATASETS = ("fashion-mnist", "cifar10", "cifar100", "synthetic")
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+DEFAULT_ROOT = Path("data")
+
+FASHION_MNIST_FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+# Per-channel mean and std of the training images (in [0, 1]), as commonly used.
+NORMALIZATION = {
+    "fashion-mnist": ((0.2860,), (0.3530,)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "synthetic": ((0.5,), (0.25,)),
+}
+CIFAR_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """The data set is not on this machine; the message says where we looked and how to get it."""
+
+
+# -- splits on the device -------------------------------------------------------------------
+@dataclass
+class Split:
+    """uint8 images (N, C, H, W) and int64 labels (N,)."""
+
+    images: Tensor
+    labels: Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def to(self, device: torch.device | str) -> "Split":
+        return Split(self.images.to(device), self.labels.to(device))
+
+
+@dataclass
+class DataSplits:
+    """Train / held-out / test splits of one data set and the transform of a training batch."""
+
+    name: str
+    train: Split
+    heldout: Split
+    test: Split
+    num_classes: int
+    mean: Sequence[float]
+    std: Sequence[float]
+    augment: bool = False  # random crop (padding 4) + horizontal flip on training batches
+    padding: int = 4
+    source: str = ""
+    _mean: Tensor | None = field(default=None, repr=False)
+    _std: Tensor | None = field(default=None, repr=False)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return tuple(self.train.images.shape[1:])  # type: ignore[return-value]
+
+    @property
+    def device(self) -> torch.device:
+        return self.train.images.device
+
+    def to(self, device: torch.device | str) -> "DataSplits":
+        return DataSplits(self.name, self.train.to(device), self.heldout.to(device), self.test.to(device),
+                          self.num_classes, self.mean, self.std, self.augment, self.padding, self.source)
+
+    def normalize(self, images: Tensor) -> Tensor:
+        """uint8 (N, C, H, W) -> float32, scaled to [0, 1] and normalized per channel."""
+        if self._mean is None or self._mean.device != images.device:
+            shape = (1, -1, 1, 1)
+            self._mean = torch.tensor(self.mean, device=images.device).view(shape)
+            self._std = torch.tensor(self.std, device=images.device).view(shape)
+        return (images.float() / 255.0 - self._mean) / self._std
+
+    def train_batch(self, indices: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """The training examples at ``indices``, augmented (if the data set is) and normalized."""
+        indices = indices.to(self.device)
+        images = self.train.images[indices]
+        if self.augment:
+            images = random_crop_flip(images, self.padding, generator)
+        return self.normalize(images), self.train.labels[indices]
+
+    def eval_batches(self, split: str, batch_size: int = 1000, limit: int | None = None) -> Iterator[tuple[Tensor, Tensor]]:
+        """Normalized, unaugmented batches of ``split`` ("train", "heldout" or "test"), in order."""
+        data: Split = getattr(self, split)
+        n = len(data) if limit is None else min(limit, len(data))
+        for start in range(0, n, batch_size):
+            stop = min(start + batch_size, n)
+            yield self.normalize(data.images[start:stop]), data.labels[start:stop]
+
+
+def random_crop_flip(images: Tensor, padding: int, generator: torch.Generator | None = None) -> Tensor:
+    """Batched RandomCrop(size, padding, fill 0) + RandomHorizontalFlip on uint8 (N, C, H, W) images.
+
+    One offset pair and one flip per image, drawn on the images' device from ``generator``.
+    """
+    n, _, h, w = images.shape
+    device = images.device
+    padded = torch.nn.functional.pad(images, (padding, padding, padding, padding))
+    dy = torch.randint(0, 2 * padding + 1, (n,), device=device, generator=generator)
+    dx = torch.randint(0, 2 * padding + 1, (n,), device=device, generator=generator)
+    flip = torch.rand(n, device=device, generator=generator) < 0.5
+    rows = dy[:, None] + torch.arange(h, device=device)  # (N, H)
+    cols = dx[:, None] + torch.arange(w, device=device)  # (N, W)
+    cols = torch.where(flip[:, None], cols.flip(1), cols)
+    batch = torch.arange(n, device=device)[:, None, None]
+    out = padded[batch, :, rows[:, :, None], cols[:, None, :]]  # (N, H, W, C): advanced dims first
+    return out.permute(0, 3, 1, 2).contiguous()
+
+
+# -- batch order ------------------------------------------------------------------------------
+class EpochSampler:
+    """Batches of ``batch_size`` indices, each epoch a fresh permutation; the last partial batch is dropped.
+
+    The permutation of epoch e depends only on (seed, e), so the position (epoch, batch index)
+    is the whole state and a resumed run sees the same batches. Under torch.distributed every
+    rank draws the same global batch and keeps its own contiguous shard (:meth:`shard`).
+    """
+
+    def __init__(self, num_examples: int, batch_size: int, seed: int) -> None:
+        if batch_size > num_examples:
+            raise ValueError(f"batch size {batch_size} exceeds the {num_examples} training examples")
+        self.num_examples = num_examples
+        self.batch_size = batch_size
+        self.seed = seed
+        self.batches_per_epoch = num_examples // batch_size
+        self.epoch = 0
+        self.index = 0
+        self._perm: Tensor | None = None
+
+    def _permutation(self) -> Tensor:
+        if self._perm is None:
+            g = torch.Generator().manual_seed(1_000_003 * self.seed + self.epoch)
+            self._perm = torch.randperm(self.num_examples, generator=g)
+        return self._perm
+
+    def next(self) -> Tensor:
+        if self.index >= self.batches_per_epoch:
+            self.epoch, self.index, self._perm = self.epoch + 1, 0, None
+        start = self.index * self.batch_size
+        batch = self._permutation()[start:start + self.batch_size]
+        self.index += 1
+        return batch
+
+    @staticmethod
+    def shard(indices: Tensor, rank: int, world_size: int) -> Tensor:
+        """This rank's contiguous part of the global batch (so the micro-batches line up with one process)."""
+        return indices.tensor_split(world_size)[rank] if world_size > 1 else indices
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.index, self._perm = int(state["epoch"]), int(state["index"]), None
+
+
+# -- Fashion-MNIST ------------------------------------------------------------------------------
+def _open_maybe_gz(path: Path):
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (optionally gzipped): images (N, H, W) or labels (N,), uint8."""
+    with _open_maybe_gz(path) as f:
+        raw = f.read()
+    zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
+    if zero != 0 or dtype_code != 0x08:
+        raise ValueError(f"{path} is not an unsigned-byte IDX file")
+    shape = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(shape)):
+        raise ValueError(f"{path}: expected {int(np.prod(shape))} values for shape {shape}, found {data.size}")
+    return data.reshape(shape)
+
+
+def fashion_mnist_candidates(root: str | Path | None = None) -> list[Path]:
+    """The folders searched for the Fashion-MNIST IDX files, in order."""
+    folders: list[Path] = []
+    env = os.environ.get("REGOPT_DATA")
+    if env:
+        base = Path(env).expanduser()
+        folders += [base, base / "fashion-mnist", base / "FashionMNIST" / "raw"]
+    folders.append(DEBIAN_FASHION_MNIST)
+    root = Path(root).expanduser() if root is not None else DEFAULT_ROOT
+    folders += [root / "FashionMNIST" / "raw", root / "fashion-mnist", root]
+    return list(dict.fromkeys(folders))
+
+
+def _find_idx(folder: Path, stem: str) -> Path | None:
+    for name in (stem + ".gz", stem):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def find_fashion_mnist(root: str | Path | None = None) -> dict[str, Path]:
+    """The four IDX files from the first folder that holds them all, or DatasetNotFoundError."""
+    candidates = fashion_mnist_candidates(root)
+    for folder in candidates:
+        files = {key: _find_idx(folder, stem) for key, stem in FASHION_MNIST_FILES.items()}
+        if all(files.values()):
+            return files  # type: ignore[return-value]
+    looked = "\n".join(f"  - {folder}" for folder in candidates)
+    raise DatasetNotFoundError(
+        "Fashion-MNIST not found. Looked for train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz], "
+        f"t10k-images-idx3-ubyte[.gz] and t10k-labels-idx1-ubyte[.gz] in:\n{looked}\n"
+        "Get it in one of two ways:\n"
+        "  1. sudo apt-get install dataset-fashion-mnist   (Debian/Ubuntu; installs /usr/share/datasets/fashion-mnist)\n"
+        "  2. rerun with --download                        (torchvision downloads it into --data-root)\n"
+        "or point $REGOPT_DATA at a folder holding the four files."
+    )
+
+
+def _split_train(images: Tensor, labels: Tensor, train_size: int, heldout_size: int) -> tuple[Split, Split]:
+    """First ``train_size`` examples for training, last ``heldout_size`` held out (they must not overlap)."""
+    n = len(labels)
+    if not (0 < train_size and 0 < heldout_size and train_size + heldout_size <= n):
+        raise ValueError(f"train_size ({train_size}) + heldout_size ({heldout_size}) must be positive and at most "
+                         f"the {n} training images")
+    return Split(images[:train_size], labels[:train_size]), Split(images[n - heldout_size:], labels[n - heldout_size:])
+
+
+def load_fashion_mnist(root: str | Path | None = None, download: bool = False,
+                       train_size: int = 50_000, heldout_size: int = 10_000) -> DataSplits:
+    """Fashion-MNIST: train on the first ``train_size`` training images, hold out the last ``heldout_size``,
+    test on the official test set."""
+    try:
+        files = find_fashion_mnist(root)
+    except DatasetNotFoundError:
+        if not download:
+            raise
+        import torchvision
+
+        target = Path(root).expanduser() if root is not None else DEFAULT_ROOT
+        for train in (True, False):
+            torchvision.datasets.FashionMNIST(str(target), train=train, download=True)
+        files = find_fashion_mnist(target)
+    images = torch.from_numpy(read_idx(files["train_images"]).copy()).unsqueeze(1)
+    labels = torch.from_numpy(read_idx(files["train_labels"]).astype(np.int64))
+    test_images = torch.from_numpy(read_idx(files["test_images"]).copy()).unsqueeze(1)
+    test_labels = torch.from_numpy(read_idx(files["test_labels"]).astype(np.int64))
+    train, heldout = _split_train(images, labels, train_size, heldout_size)
+    mean, std = NORMALIZATION["fashion-mnist"]
+    return DataSplits(
+        "fashion-mnist", train, heldout, Split(test_images, test_labels),
+        num_classes=10, mean=mean, std=std, augment=False,
+        source=str(files["train_images"].parent),
+    )
+
+
+# -- CIFAR ------------------------------------------------------------------------------------
+def cifar_candidates(name: str, root: str | Path | None = None) -> list[Path]:
+    folder = CIFAR_FOLDERS[name]
+    roots: list[Path] = []
+    env = os.environ.get("REGOPT_DATA")
+    if env:
+        roots.append(Path(env).expanduser())
+    roots.append(Path(root).expanduser() if root is not None else DEFAULT_ROOT)
+    return list(dict.fromkeys(r / folder for r in roots))
+
+
+def _cifar_files(name: str) -> tuple[list[str], list[str], str]:
+    if name == "cifar10":
+        return [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "labels"
+    return ["train"], ["test"], "fine_labels"
+
+
+def _load_cifar_pickles(folder: Path, names: list[str], label_key: str) -> tuple[Tensor, Tensor]:
+    images, labels = [], []
+    for name in names:
+        with open(folder / name, "rb") as f:
+            entry = pickle.load(f, encoding="latin1")
+        images.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        labels.extend(entry[label_key])
+    return torch.from_numpy(np.concatenate(images)), torch.tensor(labels, dtype=torch.int64)
+
+
+def find_cifar(name: str, root: str | Path | None = None) -> Path:
+    train, test, _ = _cifar_files(name)
+    candidates = cifar_candidates(name, root)
+    for folder in candidates:
+        if all((folder / f).is_file() for f in train + test):
+            return folder
+    looked = "\n".join(f"  - {folder}" for folder in candidates)
+    tv = "CIFAR10" if name == "cifar10" else "CIFAR100"
+    raise DatasetNotFoundError(
+        f"{name.upper()} not found (torchvision's python-pickle layout: {', '.join(train + test)}). Looked in:\n"
+        f"{looked}\nGet it by rerunning with --download (torchvision.datasets.{tv} downloads it into --data-root), "
+        "or point --data-root or $REGOPT_DATA at the folder that holds "
+        f"{CIFAR_FOLDERS[name]}/."
+    )
+
+
+def load_cifar(name: str, root: str | Path | None = None, download: bool = False,
+               train_size: int = 40_000, heldout_size: int = 10_000) -> DataSplits:
+    """CIFAR-10/100 with the paper's split: first ``train_size`` training images, the last ``heldout_size`` held out."""
+    if name not in CIFAR_FOLDERS:
+        raise ValueError(f"unknown CIFAR data set {name!r}")
+    try:
+        folder = find_cifar(name, root)
+    except DatasetNotFoundError:
+        if not download:
+            raise
+        import torchvision
+
+        target = Path(root).expanduser() if root is not None else DEFAULT_ROOT
+        cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+        cls(str(target), train=True, download=True)
+        folder = find_cifar(name, target)
+    train_files, test_files, label_key = _cifar_files(name)
+    images, labels = _load_cifar_pickles(folder, train_files, label_key)
+    test_images, test_labels = _load_cifar_pickles(folder, test_files, label_key)
+    train, heldout = _split_train(images, labels, train_size, heldout_size)
+    mean, std = NORMALIZATION[name]
+    return DataSplits(
+        name, train, heldout, Split(test_images, test_labels),
+        num_classes=10 if name == "cifar10" else 100, mean=mean, std=std, augment=True,
+        source=str(folder),
+    )
+
+
+# -- synthetic ----------------------------------------------------------------------------------
+def make_synthetic(num_train: int = 512, num_heldout: int = 256, num_test: int = 256, num_classes: int = 10,
+                   shape: tuple[int, int, int] = (1, 28, 28), seed: int = 0, augment: bool = False) -> DataSplits:
+    """A learnable toy problem: one random template per class plus noise, as uint8 images."""
+    g = torch.Generator().manual_seed(seed)
+    templates = torch.rand((num_classes, *shape), generator=g)
+    total = num_train + num_heldout + num_test
+    labels = torch.randint(0, num_classes, (total,), generator=g)
+    images = 0.6 * templates[labels] + 0.4 * torch.rand((total, *shape), generator=g)
+    images = (images * 255).round().clamp(0, 255).to(torch.uint8)
+    a, b = num_train, num_train + num_heldout
+    mean, std = NORMALIZATION["synthetic"]
+    channels = shape[0]
+    return DataSplits(
+        "synthetic", Split(images[:a], labels[:a]), Split(images[a:b], labels[a:b]), Split(images[b:], labels[b:]),
+        num_classes=num_classes, mean=mean * channels, std=std * channels, augment=augment, source="generated",
+    )
+
+
+def load(name: str, root: str | Path | None = None, download: bool = False, **kwargs) -> DataSplits:
+    """Load data set ``name`` (one of DATASETS) on the CPU; move it with ``.to(device)``."""
+    if name == "fashion-mnist":
+        return load_fashion_mnist(root, download, **kwargs)
+    if name in CIFAR_FOLDERS:
+        return load_cifar(name, root, download, **kwargs)
+    if name == "synthetic":
+        return make_synthetic(**kwargs)
+    raise ValueError(f"unknown data set {name!r} (expected one of {', '.join(DATASETS)})")
