@@ -10,7 +10,6 @@ smaller), k = ceil(B / |M|), with weights w_j = |M_j| / B so that
 from __future__ import annotations
 
 import contextlib
-
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -107,11 +106,11 @@ def split_batch(batch: Batch, micro_batch_size: int, total_size: int | None = No
     """
     size = batch_size(batch)
     total = size if total_size is None else total_size
-    return [
-        MicroBatch(index, start, min(start + micro_batch_size, size), min(micro_batch_size, size - start) / total,
-                   _slice(batch, start, min(start + micro_batch_size, size)))
-        for index, start in enumerate(range(0, size, micro_batch_size))
-    ]
+    micro_batches = []
+    for index, start in enumerate(range(0, size, micro_batch_size)):
+        stop = min(start + micro_batch_size, size)
+        micro_batches.append(MicroBatch(index, start, stop, (stop - start) / total, _slice(batch, start, stop)))
+    return micro_batches
 
 
 def call_closure(closure: Callable[..., Any], micro: MicroBatch, count: int,
