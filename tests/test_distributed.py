@@ -77,6 +77,9 @@ def _entry(rank: int, world_size: int, worker: Callable[[int, int], dict], init_
         dist.destroy_process_group()
     with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
         pickle.dump(result, f)
+    # Leave without running C++ destructors: under load, tearing down gloo/DDP threads at interpreter
+    # exit sometimes aborted ("terminate called without an active exception") after the results were written.
+    os._exit(0)
 
 
 def launch(worker: Callable[[int, int], dict], world_size: int, tmp_dir: Any) -> list[dict]:
