@@ -138,7 +138,7 @@ def first_nonfinite(acc: Accumulation, micro_batches: Sequence[MicroBatch], **st
     """Describe the first non-finite term (one host sync for all of them), or None when all are finite.
 
     Checks this process's per-micro-batch terms, then the (possibly all-reduced) sums and
-    the 0-dim ``step_terms`` given by name (say the norm of the penalty gradient).
+    the 0-dim ``step_terms`` given by name (the large-batch gradient norm ‖G‖).
     """
     finite = torch.isfinite(acc.terms)
     named = torch.stack([acc.sums.isfinite().all()] + [t.isfinite() for t in step_terms.values()])

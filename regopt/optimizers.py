@@ -117,9 +117,14 @@ class MicroBatchSGD(torch.optim.SGD):
 
     # -- state ------------------------------------------------------------------------
     @property
+    def _extra_state(self) -> dict[str, Any]:
+        """``optimizer.state["regopt"]``: what is not per parameter (read-only view; see _update_state)."""
+        return self.state.get(_STATE_KEY, {})
+
+    @property
     def step_count(self) -> int:
         """Optimizer steps taken so far (part of ``state_dict()``)."""
-        return self.state.get(_STATE_KEY, {}).get("step", 0)
+        return self._extra_state.get("step", 0)
 
     @property
     def current_loss_scale(self) -> float:
@@ -127,17 +132,17 @@ class MicroBatchSGD(torch.optim.SGD):
         if self.loss_scale is None:
             return 1.0
         initial = _INITIAL_DYNAMIC_SCALE if self.loss_scale == "dynamic" else float(self.loss_scale)
-        return self.state.get(_STATE_KEY, {}).get("loss_scale", initial)
+        return self._extra_state.get("loss_scale", initial)
 
     def _update_state(self, **updates: Any) -> None:
         # Replaced, never mutated: load_state_dict shares this dict with the loaded state_dict.
-        self.state[_STATE_KEY] = {**self.state.get(_STATE_KEY, {}), **updates}
+        self.state[_STATE_KEY] = {**self._extra_state, **updates}
 
     def _update_loss_scale(self, found_nonfinite: bool) -> None:
         """torch.amp.GradScaler's rule: ×0.5 on a non-finite step, ×2 after 2000 finite ones in a row."""
         if self.loss_scale != "dynamic":
             return
-        scale, streak = self.current_loss_scale, self.state.get(_STATE_KEY, {}).get("loss_scale_streak", 0)
+        scale, streak = self.current_loss_scale, self._extra_state.get("loss_scale_streak", 0)
         if found_nonfinite:
             scale, streak = scale * 0.5, 0
         elif streak + 1 == _DYNAMIC_SCALE_GROWTH_INTERVAL:
@@ -148,7 +153,7 @@ class MicroBatchSGD(torch.optim.SGD):
 
     def state_dict(self) -> dict[str, Any]:
         state_dict = super().state_dict()
-        extra = dict(self.state.get(_STATE_KEY, {"step": 0}))
+        extra = {"step": 0, **self._extra_state}
         if self.generator is not None:
             extra["generator_state"] = self.generator.get_state()
         state_dict["state"][_STATE_KEY] = extra
@@ -156,7 +161,7 @@ class MicroBatchSGD(torch.optim.SGD):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        extra = dict(self.state.get(_STATE_KEY, {}))
+        extra = dict(self._extra_state)
         generator_state = extra.pop("generator_state", None)
         if generator_state is not None and self.generator is not None:
             self.generator.set_state(generator_state)
@@ -187,10 +192,9 @@ class MicroBatchSGD(torch.optim.SGD):
         closure_autocast = autocast_state(device)
         # Only the closure runs under the caller's autocast: norms, penalties and the update use full precision.
         with torch.autocast(device.type, enabled=False):
-            return self._step(closure, micro_batches, params, generator_state, closure_autocast)
+            return self._step(closure, micro_batches, params, group, generator_state, closure_autocast)
 
-    def _step(self, closure, micro_batches, params, generator_state, closure_autocast) -> Tensor:
-        group = self.process_group
+    def _step(self, closure, micro_batches, params, group, generator_state, closure_autocast) -> Tensor:
         reduced = False  # whether this rank has taken part in the step's all-reduce
         try:
             with distributed.ddp_forward_guard():  # the closure must call ddp_model.module, not ddp_model
