@@ -9,16 +9,23 @@ Python work in the training loop.
 | data set | train | held-out (model selection) | test (reported) |
 |---|---|---|---|
 | Fashion-MNIST | first 50,000 training images | last 10,000 training images | official 10,000 |
+| Fashion-MNIST subset (embedded) | 8,000 of the first 50,000 | 2,000 of the last 10,000 | 2,000 of the 10,000 |
 | CIFAR-10 / CIFAR-100 | first 40,000 training images | last 10,000 training images | official 10,000 |
 | synthetic | generated (for tests and smoke runs) | generated | generated |
 
-Fashion-MNIST is read from the IDX files (``train-images-idx3-ubyte[.gz]`` etc.), looked
-for in ``$REGOPT_DATA``, in ``/usr/share/datasets/fashion-mnist`` (Debian's
-``dataset-fashion-mnist`` package) and in a torchvision root (``<root>/FashionMNIST/raw``).
-CIFAR is read from torchvision's folder layout (``<root>/cifar-10-batches-py``,
-``<root>/cifar-100-python``): the pickles are loaded here directly, so no checksum is
-computed and small hand-made files in the same format load too. Nothing is downloaded
-unless ``download=True``, which goes through torchvision.
+The Fashion-MNIST subset ships in ``benchmarks/fashion_mnist_subset/`` (MIT, Zalando SE; 800 /
+200 / 200 images per class, drawn by ``benchmarks/make_fashion_mnist_subset.py``): it needs no
+download and no data package, so the ``quick`` preset runs the same everywhere.
+
+The full Fashion-MNIST is read from the IDX files (``train-images-idx3-ubyte[.gz]`` etc.),
+looked for, in order, in ``--data-root`` (``root``) when given, in ``$REGOPT_DATA``, in
+``/usr/share/datasets/fashion-mnist`` (Debian's ``dataset-fashion-mnist`` package) and in
+torchvision's default root ``./data`` (``<root>/FashionMNIST/raw``). CIFAR is read from
+torchvision's folder layout (``<root>/cifar-10-batches-py``, ``<root>/cifar-100-python``)
+under ``--data-root``, ``$REGOPT_DATA`` or ``./data``: the pickles are loaded here directly,
+so no checksum is computed and small hand-made files in the same format load too. Nothing is
+downloaded unless ``download=True``, which goes through torchvision. ``DataSplits.source``
+says in words where the data came from.
 """
 
 from __future__ import annotations
@@ -35,9 +42,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-DATASETS = ("fashion-mnist", "cifar10", "cifar100", "synthetic")
+DATASETS = ("fashion-mnist", "fashion-mnist-subset", "cifar10", "cifar100", "synthetic")
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 DEFAULT_ROOT = Path("data")
+FASHION_MNIST_SUBSET = Path(__file__).resolve().parent / "fashion_mnist_subset"
+# Images per class in each split of the embedded subset (10 classes: 8,000 / 2,000 / 2,000).
+SUBSET_PER_CLASS = {"train": 800, "heldout": 200, "test": 200}
 
 FASHION_MNIST_FILES = {
     "train_images": "train-images-idx3-ubyte",
@@ -53,6 +63,7 @@ NORMALIZATION = {
     "synthetic": ((0.5,), (0.25,)),
 }
 CIFAR_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
+_CIFAR_TITLES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -87,7 +98,7 @@ class DataSplits:
     std: Sequence[float]
     augment: bool = False  # random crop (padding 4) + horizontal flip on training batches
     padding: int = 4
-    source: str = ""
+    source: str = ""  # where the data came from, in words (printed in the run's summary and config.json)
     _mean: Tensor | None = field(default=None, repr=False)
     _std: Tensor | None = field(default=None, repr=False)
 
@@ -193,36 +204,94 @@ class EpochSampler:
         self.epoch, self.index, self._perm = int(state["epoch"]), int(state["index"]), None
 
 
-# -- Fashion-MNIST ------------------------------------------------------------------------------
+# -- IDX files -----------------------------------------------------------------------------------
+# IDX type codes (big-endian payload), as defined with the MNIST files.
+IDX_DTYPES = {0x08: np.dtype(np.uint8), 0x09: np.dtype(np.int8), 0x0B: np.dtype(">i2"),
+              0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+
+
 def _open_maybe_gz(path: Path):
     return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
 
 
 def read_idx(path: Path) -> np.ndarray:
-    """Read an IDX file (optionally gzipped): images (N, H, W) or labels (N,), uint8."""
+    """Read an IDX file (optionally gzipped), e.g. images (N, H, W) or labels (N,), in native byte order."""
     with _open_maybe_gz(path) as f:
         raw = f.read()
     zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
-    if zero != 0 or dtype_code != 0x08:
-        raise ValueError(f"{path} is not an unsigned-byte IDX file")
+    if zero != 0 or dtype_code not in IDX_DTYPES:
+        raise ValueError(f"{path} is not an IDX file")
+    dtype = IDX_DTYPES[dtype_code]
     shape = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
-    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    data = np.frombuffer(raw, dtype=dtype, offset=4 + 4 * ndim)
     if data.size != int(np.prod(shape)):
         raise ValueError(f"{path}: expected {int(np.prod(shape))} values for shape {shape}, found {data.size}")
-    return data.reshape(shape)
+    return data.reshape(shape).astype(dtype.newbyteorder("="), copy=False)
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """Write ``array`` (uint8, int8, int16, int32, float32 or float64) as an IDX file, gzipped if ``path`` ends
+    in .gz. The gzip stream holds no name and no time stamp, so equal arrays give equal files (same zlib)."""
+    array = np.asarray(array)
+    code = next((c for c, d in IDX_DTYPES.items() if d.kind == array.dtype.kind and d.itemsize == array.dtype.itemsize),
+                None)
+    if code is None:
+        raise ValueError(f"IDX has no type for {array.dtype}")
+    header = struct.pack(">HBB", 0, code, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    raw = header + np.ascontiguousarray(array, dtype=IDX_DTYPES[code]).tobytes()
+    if Path(path).suffix != ".gz":
+        Path(path).write_bytes(raw)
+        return
+    with open(path, "wb") as f, gzip.GzipFile(filename="", mode="wb", fileobj=f, compresslevel=9, mtime=0) as gz:
+        gz.write(raw)
+
+
+# -- where the full data sets are looked for ---------------------------------------------------------
+def _given_roots(root: str | Path | None) -> list[tuple[Path, str]]:
+    """The folders the user named, in order (--data-root before $REGOPT_DATA), each with how it was named."""
+    roots: list[tuple[Path, str]] = []
+    if root is not None:
+        roots.append((Path(root).expanduser(), f"--data-root {root}"))
+    env = os.environ.get("REGOPT_DATA")
+    if env:
+        roots.append((Path(env).expanduser(), f"$REGOPT_DATA={env}"))
+    return roots
+
+
+def _default_root(root: str | Path | None) -> list[tuple[Path, str]]:
+    """torchvision's default root ./data, searched only when no --data-root is given."""
+    return [] if root is not None else [(DEFAULT_ROOT, f"torchvision's default root {_shown(DEFAULT_ROOT)}")]
+
+
+def _shown(path: Path) -> str:
+    """A relative path as ./path (it is relative to the working directory), an absolute one as is."""
+    return str(path) if path.is_absolute() else f"./{path}"
+
+
+def _unique(places: list[tuple[Path, str]]) -> list[tuple[Path, str]]:
+    """Each folder once, where it first occurs."""
+    first: dict[Path, str] = {}
+    for folder, how in places:
+        first.setdefault(folder, how)
+    return list(first.items())
+
+
+# -- Fashion-MNIST ------------------------------------------------------------------------------
+def fashion_mnist_locations(root: str | Path | None = None) -> list[tuple[Path, str]]:
+    """The folders searched for the full Fashion-MNIST IDX files, in order, each with how it came to be searched:
+    ``root`` (--data-root), $REGOPT_DATA, Debian's folder, torchvision's default root ./data."""
+    def layouts(base: Path) -> list[Path]:
+        return [base, base / "fashion-mnist", base / "FashionMNIST" / "raw"]
+
+    places = [(folder, how) for base, how in _given_roots(root) for folder in layouts(base)]
+    places.append((DEBIAN_FASHION_MNIST, "Debian dataset-fashion-mnist"))
+    places += [(folder, how) for base, how in _default_root(root) for folder in layouts(base)]
+    return _unique(places)
 
 
 def fashion_mnist_candidates(root: str | Path | None = None) -> list[Path]:
     """The folders searched for the Fashion-MNIST IDX files, in order."""
-    folders: list[Path] = []
-    env = os.environ.get("REGOPT_DATA")
-    if env:
-        base = Path(env).expanduser()
-        folders += [base, base / "fashion-mnist", base / "FashionMNIST" / "raw"]
-    folders.append(DEBIAN_FASHION_MNIST)
-    root = Path(root).expanduser() if root is not None else DEFAULT_ROOT
-    folders += [root / "FashionMNIST" / "raw", root / "fashion-mnist", root]
-    return list(dict.fromkeys(folders))
+    return [folder for folder, _ in fashion_mnist_locations(root)]
 
 
 def _find_idx(folder: Path, stem: str) -> Path | None:
@@ -232,22 +301,34 @@ def _find_idx(folder: Path, stem: str) -> Path | None:
     return None
 
 
-def find_fashion_mnist(root: str | Path | None = None) -> dict[str, Path]:
-    """The four IDX files from the first folder that holds them all, or DatasetNotFoundError."""
-    candidates = fashion_mnist_candidates(root)
-    for folder in candidates:
+def locate_fashion_mnist(root: str | Path | None = None) -> tuple[dict[str, Path], str]:
+    """The four IDX files from the first folder that holds them all and where they came from (in words),
+    or DatasetNotFoundError saying which of the ways to provide them to use."""
+    places = fashion_mnist_locations(root)
+    for folder, how in places:
         files = {key: _find_idx(folder, stem) for key, stem in FASHION_MNIST_FILES.items()}
         if all(files.values()):
-            return files  # type: ignore[return-value]
-    looked = "\n".join(f"  - {folder}" for folder in candidates)
+            return files, f"Fashion-MNIST from {folder} ({how})"  # type: ignore[return-value]
+    looked = "\n".join(f"  - {folder}   ({how})" for folder, how in places)
     raise DatasetNotFoundError(
-        "Fashion-MNIST not found. Looked for train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz], "
-        f"t10k-images-idx3-ubyte[.gz] and t10k-labels-idx1-ubyte[.gz] in:\n{looked}\n"
-        "Get it in one of two ways:\n"
-        "  1. sudo apt-get install dataset-fashion-mnist   (Debian/Ubuntu; installs /usr/share/datasets/fashion-mnist)\n"
-        "  2. rerun with --download                        (torchvision downloads it into --data-root)\n"
-        "or point $REGOPT_DATA at a folder holding the four files."
+        "Fashion-MNIST (the full set) not found. Looked for train-images-idx3-ubyte[.gz], "
+        "train-labels-idx1-ubyte[.gz], t10k-images-idx3-ubyte[.gz] and t10k-labels-idx1-ubyte[.gz] in:\n"
+        f"{looked}\n"
+        "Provide it in one of these ways (looked up in this order):\n"
+        "  1. --data-root DIR or $REGOPT_DATA=DIR: a folder DIR holding the four files "
+        "(or DIR/fashion-mnist/, DIR/FashionMNIST/raw/)\n"
+        "  2. sudo apt-get install dataset-fashion-mnist   (Debian/Ubuntu; installs /usr/share/datasets/fashion-mnist)\n"
+        f"  3. torchvision's root: the files in {_shown(DEFAULT_ROOT / 'FashionMNIST' / 'raw')}/ "
+        "(where torchvision.datasets.FashionMNIST puts them)\n"
+        "  4. rerun with --download   (torchvision downloads it into --data-root, default ./data)\n"
+        "The `quick` preset needs none of these: it always runs on the embedded subset "
+        "(data set fashion-mnist-subset, benchmarks/fashion_mnist_subset/)."
     )
+
+
+def find_fashion_mnist(root: str | Path | None = None) -> dict[str, Path]:
+    """The four IDX files from the first folder that holds them all, or DatasetNotFoundError."""
+    return locate_fashion_mnist(root)[0]
 
 
 def _split_train(images: Tensor, labels: Tensor, train_size: int, heldout_size: int) -> tuple[Split, Split]:
@@ -264,7 +345,7 @@ def load_fashion_mnist(root: str | Path | None = None, download: bool = False,
     """Fashion-MNIST: train on the first ``train_size`` training images, hold out the last ``heldout_size``,
     test on the official test set."""
     try:
-        files = find_fashion_mnist(root)
+        files, source = locate_fashion_mnist(root)
     except DatasetNotFoundError:
         if not download:
             raise
@@ -274,6 +355,7 @@ def load_fashion_mnist(root: str | Path | None = None, download: bool = False,
         for train in (True, False):
             torchvision.datasets.FashionMNIST(str(target), train=train, download=True)
         files = find_fashion_mnist(target)
+        source = f"Fashion-MNIST downloaded by torchvision to {files['train_images'].parent}"
     images = torch.from_numpy(read_idx(files["train_images"]).copy()).unsqueeze(1)
     labels = torch.from_numpy(read_idx(files["train_labels"]).astype(np.int64))
     test_images = torch.from_numpy(read_idx(files["test_images"]).copy()).unsqueeze(1)
@@ -282,20 +364,78 @@ def load_fashion_mnist(root: str | Path | None = None, download: bool = False,
     mean, std = NORMALIZATION["fashion-mnist"]
     return DataSplits(
         "fashion-mnist", train, heldout, Split(test_images, test_labels),
-        num_classes=10, mean=mean, std=std, augment=False,
-        source=str(files["train_images"].parent),
+        num_classes=10, mean=mean, std=std, augment=False, source=source,
     )
 
 
+# -- the embedded Fashion-MNIST subset -------------------------------------------------------------
+def subset_files(split: str, folder: Path | None = None) -> dict[str, Path]:
+    """The images, labels and original indices of one split ("train", "heldout", "test") of the subset.
+
+    Indices count from 0 in the official training set (train, heldout) or test set (test)."""
+    folder = FASHION_MNIST_SUBSET if folder is None else Path(folder)
+    return {"images": folder / f"{split}-images-idx3-ubyte.gz", "labels": folder / f"{split}-labels-idx1-ubyte.gz",
+            "indices": folder / f"{split}-indices-idx1-int.gz"}
+
+
+def read_fashion_mnist_subset(folder: Path | None = None) -> dict[str, dict[str, np.ndarray]]:
+    """The subset's arrays, {split: {"images": (N, 28, 28) uint8, "labels": (N,) uint8, "indices": (N,) int32}}."""
+    arrays = {}
+    for split in SUBSET_PER_CLASS:
+        files = subset_files(split, folder)
+        missing = [str(path) for path in files.values() if not path.is_file()]
+        if missing:
+            raise DatasetNotFoundError(
+                f"the embedded Fashion-MNIST subset is incomplete: missing {', '.join(missing)}. It ships with the "
+                "repository (benchmarks/fashion_mnist_subset/); restore it from git, or regenerate it from the full "
+                "files with python benchmarks/make_fashion_mnist_subset.py")
+        arrays[split] = {key: read_idx(path) for key, path in files.items()}
+    return arrays
+
+
+def load_fashion_mnist_subset(train_size: int | None = None, heldout_size: int | None = None,
+                              folder: Path | None = None) -> DataSplits:
+    """The embedded subset (8,000 train / 2,000 held-out / 2,000 test, stratified by class), normalized as the
+    full Fashion-MNIST. Train on its first ``train_size`` training images, hold out its last ``heldout_size``."""
+    arrays = read_fashion_mnist_subset(folder)
+
+    def split(name: str) -> Split:
+        images = torch.from_numpy(arrays[name]["images"].copy()).unsqueeze(1)
+        return Split(images, torch.from_numpy(arrays[name]["labels"].astype(np.int64)))
+
+    train, heldout, test = split("train"), split("heldout"), split("test")
+    for size, part, name in ((train_size, train, "train_size"), (heldout_size, heldout, "heldout_size")):
+        if size is not None and not 0 < size <= len(part):
+            raise ValueError(f"{name} ({size}) must be positive and at most the subset's {len(part)}")
+    if train_size is not None:
+        train = Split(train.images[:train_size], train.labels[:train_size])
+    if heldout_size is not None:
+        heldout = Split(heldout.images[-heldout_size:], heldout.labels[-heldout_size:])
+    mean, std = NORMALIZATION["fashion-mnist"]
+    where = FASHION_MNIST_SUBSET if folder is None else Path(folder)
+    source = (f"embedded Fashion-MNIST subset ({len(train):,} train / {len(heldout):,} held-out / {len(test):,} test, "
+              f"{_relative(where)})")
+    return DataSplits("fashion-mnist-subset", train, heldout, test, num_classes=10, mean=mean, std=std,
+                      augment=False, source=source)
+
+
+def _relative(path: Path) -> str:
+    """``path`` relative to the repository when inside it (benchmarks/...), absolute otherwise."""
+    try:
+        return str(Path(path).resolve().relative_to(Path(__file__).resolve().parent.parent))
+    except ValueError:
+        return str(path)
+
+
 # -- CIFAR ------------------------------------------------------------------------------------
-def cifar_candidates(name: str, root: str | Path | None = None) -> list[Path]:
+def cifar_locations(name: str, root: str | Path | None = None) -> list[tuple[Path, str]]:
+    """The folders searched for CIFAR ``name``, in order (--data-root, $REGOPT_DATA, ./data), each with its origin."""
     folder = CIFAR_FOLDERS[name]
-    roots: list[Path] = []
-    env = os.environ.get("REGOPT_DATA")
-    if env:
-        roots.append(Path(env).expanduser())
-    roots.append(Path(root).expanduser() if root is not None else DEFAULT_ROOT)
-    return list(dict.fromkeys(r / folder for r in roots))
+    return _unique([(base / folder, how) for base, how in _given_roots(root) + _default_root(root)])
+
+
+def cifar_candidates(name: str, root: str | Path | None = None) -> list[Path]:
+    return [folder for folder, _ in cifar_locations(name, root)]
 
 
 def _cifar_files(name: str) -> tuple[list[str], list[str], str]:
@@ -314,13 +454,14 @@ def _load_cifar_pickles(folder: Path, names: list[str], label_key: str) -> tuple
     return torch.from_numpy(np.concatenate(images)), torch.tensor(labels, dtype=torch.int64)
 
 
-def find_cifar(name: str, root: str | Path | None = None) -> Path:
+def locate_cifar(name: str, root: str | Path | None = None) -> tuple[Path, str]:
+    """The folder of CIFAR ``name`` and where it came from (in words), or DatasetNotFoundError."""
     train, test, _ = _cifar_files(name)
-    candidates = cifar_candidates(name, root)
-    for folder in candidates:
+    places = cifar_locations(name, root)
+    for folder, how in places:
         if all((folder / f).is_file() for f in train + test):
-            return folder
-    looked = "\n".join(f"  - {folder}" for folder in candidates)
+            return folder, f"{_CIFAR_TITLES[name]} from {folder} ({how})"
+    looked = "\n".join(f"  - {folder}   ({how})" for folder, how in places)
     tv = "CIFAR10" if name == "cifar10" else "CIFAR100"
     raise DatasetNotFoundError(
         f"{name.upper()} not found (torchvision's python-pickle layout: {', '.join(train + test)}). Looked in:\n"
@@ -330,13 +471,17 @@ def find_cifar(name: str, root: str | Path | None = None) -> Path:
     )
 
 
+def find_cifar(name: str, root: str | Path | None = None) -> Path:
+    return locate_cifar(name, root)[0]
+
+
 def load_cifar(name: str, root: str | Path | None = None, download: bool = False,
                train_size: int = 40_000, heldout_size: int = 10_000) -> DataSplits:
     """CIFAR-10/100 with the paper's split: first ``train_size`` training images, the last ``heldout_size`` held out."""
     if name not in CIFAR_FOLDERS:
         raise ValueError(f"unknown CIFAR data set {name!r}")
     try:
-        folder = find_cifar(name, root)
+        folder, source = locate_cifar(name, root)
     except DatasetNotFoundError:
         if not download:
             raise
@@ -346,6 +491,7 @@ def load_cifar(name: str, root: str | Path | None = None, download: bool = False
         cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
         cls(str(target), train=True, download=True)
         folder = find_cifar(name, target)
+        source = f"{_CIFAR_TITLES[name]} downloaded by torchvision to {folder}"
     train_files, test_files, label_key = _cifar_files(name)
     images, labels = _load_cifar_pickles(folder, train_files, label_key)
     test_images, test_labels = _load_cifar_pickles(folder, test_files, label_key)
@@ -353,8 +499,7 @@ def load_cifar(name: str, root: str | Path | None = None, download: bool = False
     mean, std = NORMALIZATION[name]
     return DataSplits(
         name, train, heldout, Split(test_images, test_labels),
-        num_classes=10 if name == "cifar10" else 100, mean=mean, std=std, augment=True,
-        source=str(folder),
+        num_classes=10 if name == "cifar10" else 100, mean=mean, std=std, augment=True, source=source,
     )
 
 
@@ -373,7 +518,8 @@ def make_synthetic(num_train: int = 512, num_heldout: int = 256, num_test: int =
     channels = shape[0]
     return DataSplits(
         "synthetic", Split(images[:a], labels[:a]), Split(images[a:b], labels[a:b]), Split(images[b:], labels[b:]),
-        num_classes=num_classes, mean=mean * channels, std=std * channels, augment=augment, source="generated",
+        num_classes=num_classes, mean=mean * channels, std=std * channels, augment=augment,
+        source=f"synthetic (generated, seed {seed})",
     )
 
 
@@ -381,6 +527,8 @@ def load(name: str, root: str | Path | None = None, download: bool = False, **kw
     """Load data set ``name`` (one of DATASETS) on the CPU; move it with ``.to(device)``."""
     if name == "fashion-mnist":
         return load_fashion_mnist(root, download, **kwargs)
+    if name == "fashion-mnist-subset":  # embedded: root and download do not apply
+        return load_fashion_mnist_subset(**kwargs)
     if name in CIFAR_FOLDERS:
         return load_cifar(name, root, download, **kwargs)
     if name == "synthetic":

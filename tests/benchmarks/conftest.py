@@ -1,10 +1,9 @@
-"""Shared fixtures of the benchmark tests: `benchmarks` importable, one CPU thread, fake data sets."""
+"""Shared fixtures of the benchmark tests: `benchmarks` importable, one CPU thread, the embedded
+Fashion-MNIST subset as the real-data fixture, the full files when the machine has them, fake data sets."""
 
 from __future__ import annotations
 
-import gzip
 import pickle
-import struct
 import sys
 from pathlib import Path
 
@@ -16,6 +15,8 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks import data as data_lib  # noqa: E402  (needs ROOT on sys.path)
+
 
 @pytest.fixture(autouse=True)
 def one_thread():
@@ -26,15 +27,25 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="session")
+def fashion_mnist_subset() -> data_lib.DataSplits:
+    """The embedded Fashion-MNIST subset (real images, shipped with the repository): the real-data fixture."""
+    return data_lib.load("fashion-mnist-subset")
+
+
+@pytest.fixture(scope="session")
+def full_fashion_mnist() -> dict[str, np.ndarray]:
+    """The four official Fashion-MNIST arrays, read from wherever benchmarks/data.py finds them; skips if absent."""
+    try:
+        files = data_lib.find_fashion_mnist()
+    except data_lib.DatasetNotFoundError:
+        pytest.skip("full Fashion-MNIST not on this machine (apt-get install dataset-fashion-mnist)")
+    return {key: data_lib.read_idx(path) for key, path in files.items()}
+
+
 def write_idx(path: Path, array: np.ndarray, compress: bool = True) -> None:
-    """An unsigned-byte IDX file, as Fashion-MNIST ships them."""
-    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
-    raw = header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
-    if compress:
-        with gzip.open(str(path) + ".gz", "wb") as f:
-            f.write(raw)
-    else:
-        path.write_bytes(raw)
+    """An unsigned-byte IDX file, as Fashion-MNIST ships them (``path`` + ".gz" when compressed)."""
+    data_lib.write_idx(Path(str(path) + ".gz") if compress else path, np.asarray(array, dtype=np.uint8))
 
 
 def make_fake_fashion_mnist(folder: Path, num_train: int = 30, num_test: int = 10, compress: bool = True,
