@@ -1,4 +1,5 @@
-"""Writers of a reproduction run's outputs: metrics.csv, summary.md, curves.png (and runs.json).
+"""Writers of a reproduction run's outputs: metrics.csv, summary.md, curves.png (and runs.json), each
+written to a temporary file and renamed into place, so a reader (or a cut run) never sees half a file.
 
 ``python benchmarks/report.py RUN_DIR`` rebuilds summary.md and curves.png from the run's
 metrics.csv, runs.json and config.json (for example after copying a run from a GPU machine).
@@ -16,6 +17,11 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.repro.uncertainty import Interval, closed_fraction, mean_interval, paired_differences  # noqa: E402
 
 METRIC_FIELDS = ("method", "seed", "step", "epoch", "train_loss", "heldout_acc", "micro_grad_sq_norm", "penalty",
                  "lr", "wall_s")
@@ -130,13 +136,16 @@ def summary_markdown(rows: Sequence[Mapping[str, Any]], results: Sequence[Mappin
             f"{config.get('eval_every')} steps, momentum {config.get('momentum')}, weight decay "
             f"{config.get('weight_decay')}, penalty gradients `{config.get('grad_method')}`, "
             f"seeds {seeds}, device `{config.get('device_name', config.get('device'))}`.")
+    if config.get("data_source"):
+        desc += f" Data source: {config['data_source']}."
     lines += [desc, ""]
+    lines += _partial_note(results, config)
     lines.append("Accuracies in %, mean ± std over seeds. Test accuracy is that of the checkpoint with the best "
                  "held-out accuracy. ‖g‖² is the average micro-batch squared gradient norm Σ_j w_j ‖g_j‖² "
                  "(for SB: ‖g‖² of its own batch of |M|), averaged over the first (early) and last (late) 10% "
                  "of the steps.")
     lines.append("")
-    header = ["method", "lr", "λ", "best held-out", "final held-out", "test"]
+    header = ["method", "lr", f"λ (∇R {config.get('grad_method', '?')})", "best held-out", "final held-out", "test"]
     if paper:
         header.append("paper test")
     header += ["‖g‖² early", "‖g‖² late", "steps", "epochs", "wall s"]
@@ -177,8 +186,34 @@ def _num(value: Any) -> str:
     return f"{value:.4g}"
 
 
+def _partial_note(results: Sequence[Mapping[str, Any]], config: Mapping[str, Any]) -> list[str]:
+    """A line saying so when fewer runs finished than planned (a --time-budget stop, an interruption)."""
+    if not config.get("methods") or not config.get("seeds"):
+        return []
+    planned = len(config["methods"]) * int(config["seeds"])
+    if len(results) >= planned:
+        return []
+    return [f"**Partial results:** {len(results)} of the {planned} planned runs (methods × seeds) have finished; "
+            "`python benchmarks/reproduce.py --resume --out RUN_DIR` runs the rest.", ""]
+
+
+def _by_seed(runs: Sequence[Mapping[str, Any]], key: str = "test_acc") -> dict[int, float | None]:
+    return {int(r["seed"]): r.get(key) for r in runs}
+
+
+def _points(value: float) -> str:
+    return f"{100 * value:+.2f}"
+
+
+def _interval_text(interval: Interval | None) -> str:
+    if interval is None:
+        return "—"
+    return f"[{_points(interval.low)}, {_points(interval.high)}]"
+
+
 def gap_section(by_method: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[str]:
-    """How much of the SB−LB test-accuracy gap each method closes (claims 1 and 2 of SPEC.md)."""
+    """How much of the SB−LB test-accuracy gap each method closes (claims 1 and 2 of SPEC.md), with 95% intervals
+    over seeds (paired by seed) once there are two seeds or more."""
     if "SB" not in by_method or "LB" not in by_method:
         return []
     key = "test_acc"
@@ -188,37 +223,87 @@ def gap_section(by_method: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[st
         return ["## Large-batch gap", "", "SB or LB has no finite test accuracy: no gap to analyse."]
     gap = sb - lb
     lines = ["## Large-batch gap", ""]
-    lines.append(f"SB − LB test accuracy: {100 * gap:+.2f} points (SB {100 * sb:.2f}, LB {100 * lb:.2f}; "
+    lines.append(f"SB − LB test accuracy: {_points(gap)} points (SB {100 * sb:.2f}, LB {100 * lb:.2f}; "
                  f"seed std SB {100 * sb_std:.2f}, LB {100 * lb_std:.2f}; {n} seed(s)).")
-    noise = max(sb_std, lb_std)
+    paired = mean_interval(paired_differences(_by_seed(by_method["SB"]), _by_seed(by_method["LB"])))
+    if paired is not None:
+        lines.append(_gap_interval_sentence(paired))
     if gap <= 0:
         lines.append("**No large-batch gap in this run** (LB is not worse than SB), so the closing fractions "
                      "below are not meaningful.")
-    elif n < 2 or gap <= 2 * noise:
+    elif paired is None and (n < 2 or gap <= 2 * max(sb_std, lb_std)):
         lines.append("The gap is not clearly above the seed-to-seed spread (or there is a single seed): "
                      "treat the fractions below as indicative only.")
-    others = [m for m in by_method if m not in ("SB", "LB")]
+    others = {m: rs for m, rs in by_method.items() if m not in ("SB", "LB")}
     if not others:
         return lines
-    lines.append("")
-    lines.append("| method | test − LB (points) | fraction of the gap closed |")
-    lines.append("|---|---|---|")
-    for m, rs in by_method.items():
-        if m in ("SB", "LB"):
-            continue
-        acc, _, k = mean_std(r[key] for r in rs)
+    return lines + [""] + _method_table(others, by_method["SB"], by_method["LB"], sb, lb, paired is not None)
+
+
+def _gap_interval_sentence(paired: Interval) -> str:
+    level = f"{100 * paired.confidence:.0f}%"
+    text = (f"Paired by seed (same initialization and batches), SB − LB is {_points(paired.mean)} points, {level} "
+            f"interval {_interval_text(paired)} (mean ± t·s/√n over n = {paired.n} seeds, Student t with n − 1 "
+            "degrees of freedom). ")
+    if paired.includes_zero:
+        return text + (f"**The interval includes zero: these {paired.n} seeds do not establish a large-batch gap**, "
+                       "so neither do the closing fractions below.")
+    return text + "The interval excludes zero: these seeds establish the gap."
+
+
+def _method_table(others: Mapping[str, Sequence[Mapping[str, Any]]], sb_runs: Sequence[Mapping[str, Any]],
+                  lb_runs: Sequence[Mapping[str, Any]], sb: float, lb: float, with_intervals: bool) -> list[str]:
+    """One row per method: its distance to LB (and to SB), the fraction of the gap it closes; intervals if asked."""
+    if with_intervals:
+        lines = ["| method | test − LB (points) | 95% interval | SB − test (points) | 95% interval | seeds | "
+                 "fraction of the gap closed |", "|---|---|---|---|---|---|---|"]
+    else:
+        lines = ["| method | test − LB (points) | fraction of the gap closed |", "|---|---|---|"]
+    notes = []
+    for m, rs in others.items():
+        acc, _, k = mean_std(r["test_acc"] for r in rs)
         if k == 0:
-            lines.append(f"| `{m}` | — | — |")
+            lines.append(f"| `{m}` | — |" + " — |" * (5 if with_intervals else 1))
             continue
-        frac = (acc - lb) / gap if gap > 0 else math.nan
-        lines.append(f"| `{m}` | {100 * (acc - lb):+.2f} | {frac:.2f} |" if math.isfinite(frac)
-                     else f"| `{m}` | {100 * (acc - lb):+.2f} | — |")
+        frac = closed_fraction(acc, lb, sb)
+        frac_text = f"{frac:.2f}" if math.isfinite(frac) else "—"
+        if not with_intervals:
+            lines.append(f"| `{m}` | {_points(acc - lb)} | {frac_text} |")
+            continue
+        over_lb = mean_interval(paired_differences(_by_seed(rs), _by_seed(lb_runs)))
+        below_sb = mean_interval(paired_differences(_by_seed(sb_runs), _by_seed(rs)))
+        seeds = over_lb.n if over_lb is not None else k
+        lines.append(f"| `{m}` | {_points(acc - lb)} | {_interval_text(over_lb)} | {_points(sb - acc)} | "
+                     f"{_interval_text(below_sb)} | {seeds} | {frac_text} |")
+        notes += _zero_notes(m, over_lb, below_sb)
+    if with_intervals:
+        lines += ["", "Intervals: 95%, of the per-seed paired differences (test − LB, SB − test), "
+                      "mean ± t·s/√n over the n seeds both runs have."]
+        lines += notes or ["No method's interval includes zero."]
     return lines
+
+
+def _zero_notes(method: str, over_lb: Interval | None, below_sb: Interval | None) -> list[str]:
+    """Plain sentences for the intervals that include zero (and for methods with too few seeds for one)."""
+    if over_lb is None or below_sb is None:
+        return [f"- `{method}`: fewer than two seeds paired with SB and LB, no interval."]
+    said = []
+    if over_lb.includes_zero:
+        said.append("its difference to LB includes zero (these seeds do not show it better than LB)")
+    if below_sb.includes_zero:
+        said.append("its difference to SB includes zero (these seeds do not show it worse than SB)")
+    return [f"- `{method}`: " + "; ".join(said) + "."] if said else []
 
 
 def write_summary(path: str | Path, rows: Sequence[Mapping[str, Any]], results: Sequence[Mapping[str, Any]],
                   config: Mapping[str, Any]) -> None:
-    Path(path).write_text(summary_markdown(rows, results, config))
+    _write_text_atomic(Path(path), summary_markdown(rows, results, config))
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 # -- curves.png -----------------------------------------------------------------------------------
@@ -270,8 +355,10 @@ def plot_curves(path: str | Path, rows: Sequence[Mapping[str, Any]], methods: Se
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    tmp = Path(str(path) + ".tmp")
+    fig.savefig(tmp, dpi=90, format="png")
     plt.close(fig)
+    tmp.replace(path)
 
 
 # -- everything -------------------------------------------------------------------------------------
@@ -284,11 +371,13 @@ def write_all(out: str | Path, rows: Sequence[Mapping[str, Any]], results: Seque
     write_summary(out / "summary.md", rows, results, config)
     bn_rows = [r for r in rows if "heldout_acc_running_bn" in r]
     if bn_rows:  # the --compare-bn-eval diagnostic
-        with open(out / "bn_eval.csv", "w", newline="") as f:
+        tmp = out / "bn_eval.csv.tmp"
+        with open(tmp, "w", newline="") as f:
             fields = ("method", "seed", "step", "heldout_acc_running_bn", "heldout_acc")
             writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
             writer.writeheader()
             writer.writerows({k: _fmt(r.get(k)) for k in fields} for r in bn_rows)
+        tmp.replace(out / "bn_eval.csv")
     if rows and plot:
         plot_curves(out / "curves.png", rows, config.get("methods", ()),
                     title=f"{config.get('preset', '')}: {config.get('dataset', '')} / {config.get('model', '')}")

@@ -149,12 +149,15 @@ def test_cifar_resnet18_end_to_end_on_fake_files(tmp_path, monkeypatch):
 
 
 def test_missing_data_is_a_clear_exit(tmp_path, monkeypatch):
+    """A preset that needs the full Fashion-MNIST (quick runs on the embedded subset) says how to get it."""
     from benchmarks import data as data_lib
 
     monkeypatch.delenv("REGOPT_DATA", raising=False)
     monkeypatch.setattr(data_lib, "DEBIAN_FASHION_MNIST", tmp_path / "none")
     with pytest.raises(SystemExit, match="apt-get install dataset-fashion-mnist"):
-        reproduce.main(["--data-root", str(tmp_path / "root"), "--out", str(tmp_path / "out"), "--no-progress"])
+        reproduce.main(["--preset", "fmnist", "--data-root", str(tmp_path / "root"), "--out", str(tmp_path / "out"),
+                        "--no-progress"])
+    assert not (tmp_path / "out" / "runs.json").exists()
 
 
 def test_unknown_inputs_fail_clearly(tmp_path):
