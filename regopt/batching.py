@@ -62,6 +62,12 @@ def _leaves(batch: Any) -> list[tuple[str, Any]]:
     if isinstance(batch, Tensor):
         return [("batch", batch)]
     if isinstance(batch, Mapping):
+        for key in batch:
+            if not isinstance(key, str):
+                raise TypeError(
+                    f"batch is a dict with the key {key!r} ({type(key).__name__}): its keys must be strings, since "
+                    "each part is passed to the closure as a keyword argument, closure(**micro_batch)"
+                )
         return [(f"batch[{key!r}]", value) for key, value in batch.items()]
     if isinstance(batch, (tuple, list)):
         return [(f"batch[{i}]", value) for i, value in enumerate(batch)]
@@ -113,22 +119,41 @@ def split_batch(batch: Batch, micro_batch_size: int, total_size: int | None = No
     return micro_batches
 
 
+_BATCH_NORM_NEEDS_TWO = "Expected more than 1 value per channel when training"
+
+
+def _one_example_message(error: ValueError, where: str, micro: MicroBatch) -> str:
+    return (
+        f"{error} on {where}: BatchNorm in train mode needs at least 2 examples per micro-batch, and this one "
+        f"holds {micro.size}. Use a batch size divisible by micro_batch_size (a batch of B examples ends with a "
+        "micro-batch of B % micro_batch_size), e.g. DataLoader(..., drop_last=True) with such a batch size, "
+        "or a micro_batch_size of at least 2"
+    )
+
+
 def call_closure(closure: Callable[..., Any], micro: MicroBatch, count: int,
                  autocast: AutocastState | None = None) -> ClosureOutput:
     """``closure(*parts)``, ``closure(**parts)`` or ``closure(t)`` under grad mode, with its result checked.
 
     ``autocast`` (device type, dtype, enabled) is the caller's autocast state, restored for the
     closure alone: regopt's own reductions run outside autocast, in the parameters' precision.
+    An exception inside the closure propagates unchanged, except PyTorch's BatchNorm error for a
+    one-example micro-batch, raised again as a ValueError that names the micro-batch (``from`` it).
     """
     autocast_context = torch.autocast(*autocast) if autocast is not None else contextlib.nullcontext()
-    with torch.enable_grad(), autocast_context:
-        if isinstance(micro.data, Tensor):
-            result = closure(micro.data)
-        elif isinstance(micro.data, Mapping):
-            result = closure(**micro.data)
-        else:
-            result = closure(*micro.data)
     where = micro.describe(count)
+    with torch.enable_grad(), autocast_context:
+        try:
+            if isinstance(micro.data, Tensor):
+                result = closure(micro.data)
+            elif isinstance(micro.data, Mapping):
+                result = closure(**micro.data)
+            else:
+                result = closure(*micro.data)
+        except ValueError as error:
+            if _BATCH_NORM_NEEDS_TWO not in str(error):
+                raise  # the closure's own exception, unchanged
+            raise ValueError(_one_example_message(error, where, micro)) from error
     logits = None
     if isinstance(result, tuple):
         if len(result) != 2:

@@ -5,11 +5,14 @@ and accumulates, with weights |M_j| (not yet divided by any batch size),
 
     Σ_j |M_j| g_j, Σ_j |M_j| ∇R_j, Σ_j |M_j| L_j, Σ_j |M_j| R_j, Σ_j |M_j| ‖g_j‖², Σ_j ‖g_j‖, k_r,
 
-then :func:`all_reduce_accumulation` sums all of them, together with the shard sizes |B_r|,
-in a single all-reduce of one flat buffer, and divides the weighted sums by the global batch
+then :func:`all_reduce_accumulation` sums all of them, together with the shard sizes |B_r| and
+one flag per parameter (whether this rank's micro-batches reached it), in a single all-reduce of
+one flat buffer, and divides the weighted sums by the global batch
 size |B| = Σ_r |B_r|. Every rank ends the step with the same applied gradient and the same
 global ``stats`` (loss, penalty, micro_grad_sq_norm, grad_norm = ‖G‖, num_micro_batches = Σ_r k_r),
-and iterative grafting's s = Σ_j ‖g_j‖ / Σ_r k_r is the mean over all ranks' micro-batches.
+the same set of updated parameters (those any rank used: ranks whose closures take different
+branches do not drift apart), and iterative grafting's s = Σ_j ‖g_j‖ / Σ_r k_r is the mean over all
+ranks' micro-batches.
 
 The step is the single-process step on the concatenation B_0 B_1 … of the shards, split into
 the micro-batches the ranks formed: exactly the single-process split when every shard but the
@@ -75,6 +78,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from . import forward_hooks
 from .engine import Accumulation
 
 DDP_FORWARD_MESSAGE = (
@@ -88,7 +92,11 @@ DDP_FORWARD_MESSAGE = (
 
 
 def default_process_group() -> dist.ProcessGroup | None:
-    """The world group when torch.distributed is initialized with more than one rank, else None."""
+    """The world group when torch.distributed is initialized with more than one rank, else None.
+
+    The optimizers call this at every step (not once, when built), so that an optimizer built
+    before ``dist.init_process_group`` still shares its steps with the other ranks.
+    """
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         return dist.group.WORLD
     return None
@@ -108,15 +116,13 @@ def ddp_forward_guard() -> Iterator[None]:
         return
     from torch.nn.parallel import DistributedDataParallel
 
-    def refuse(module: nn.Module, args: object) -> None:
-        if isinstance(module, DistributedDataParallel):
+    def refuse(module: nn.Module) -> None:
+        wrapped = module._orig_mod if forward_hooks.is_compiled_wrapper(module) else module  # torch.compile(ddp)
+        if isinstance(wrapped, DistributedDataParallel):
             raise RuntimeError(DDP_FORWARD_MESSAGE)
 
-    handle = nn.modules.module.register_module_forward_pre_hook(refuse)
-    try:
+    with forward_hooks.calling(refuse):
         yield
-    finally:
-        handle.remove()
 
 
 def _wire_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
@@ -130,23 +136,27 @@ def _wire_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
 def all_reduce_accumulation(acc: Accumulation, local_size: int, group: dist.ProcessGroup) -> Accumulation:
     """Sum ``acc`` (accumulated with weights |M_j|) over ``group`` and divide by the global batch size.
 
-    One ``dist.all_reduce`` of one flat buffer [Σ|M|g, Σ|M|∇R, sums, |B_r|]; the gradients
-    are reduced in place into ``acc``'s own tensors.
+    One ``dist.all_reduce`` of one flat buffer [Σ|M|g, Σ|M|∇R, sums, |B_r|, used_r]; the gradients
+    are reduced in place into ``acc``'s own tensors. ``used_r`` (one flag per parameter: did this
+    rank's micro-batches reach it) sums to ``used_count``, so that every rank updates the
+    parameters that any rank used, and the ranks stay identical.
     """
     pieces: list[Tensor] = list(acc.grad) + list(acc.penalty_grad or [])
     dtype = _wire_dtype(pieces + [acc.sums])
-    sums = torch.cat([acc.sums.to(dtype), acc.sums.new_tensor([local_size], dtype=dtype)])
-    flat = torch.cat([t.reshape(-1).to(dtype) for t in pieces] + [sums])
+    used = acc.used if acc.used is not None else [True] * len(acc.grad)
+    tail = torch.cat([acc.sums.to(dtype), acc.sums.new_tensor([local_size, *used], dtype=dtype)])
+    flat = torch.cat([t.reshape(-1).to(dtype) for t in pieces] + [tail])
     dist.all_reduce(flat, group=group)
-    numel = flat.numel() - sums.numel()
-    reduced_sums = flat[numel:].clone()
+    numel = flat.numel() - tail.numel()
+    reduced_sums = flat[numel:numel + 6].clone()
+    used_count = flat[numel + 6:].clone()
     total = reduced_sums[-1]  # |B|
     flat[:numel].div_(total)
     reduced = flat[:numel].split([t.numel() for t in pieces])
     torch._foreach_copy_(pieces, [v.view_as(t) for v, t in zip(reduced, pieces)])
     # Σ|M|L, Σ|M|R and Σ|M|‖g‖² become weighted by w_j = |M_j|/|B|; Σ_j ‖g_j‖ and k stay plain sums.
     weighted = torch.cat([reduced_sums[:3] / total, reduced_sums[3:5]]).to(acc.sums.dtype)
-    return acc.reduced(acc.grad, acc.penalty_grad, weighted)
+    return acc.reduced(acc.grad, acc.penalty_grad, weighted, used_count)
 
 
 def join_failed_step(params: Sequence[Tensor], penalized: bool, group: dist.ProcessGroup) -> None:
@@ -156,6 +166,7 @@ def join_failed_step(params: Sequence[Tensor], penalized: bool, group: dist.Proc
     instead of waiting for this rank until the process group's timeout; this rank re-raises
     its own exception. The buffer has the layout of :func:`all_reduce_accumulation`'s.
     """
-    numel = sum(p.numel() for p in params) * (2 if penalized else 1) + 6  # + 5 sums + |B_r|
+    # Σ|M|g (and Σ|M|∇R), 5 sums, |B_r|, one usage flag per parameter.
+    numel = sum(p.numel() for p in params) * (2 if penalized else 1) + 6 + len(params)
     flat = torch.full((numel,), float("nan"), dtype=_wire_dtype(params), device=params[0].device)
     dist.all_reduce(flat, group=group)

@@ -3,11 +3,12 @@
     G = Σ_j w_j g_j,   P = Σ_j w_j ∇R_j,
     loss = Σ_j w_j L_j,   penalty = Σ_j w_j R_j,   micro_grad_sq_norm = Σ_j w_j ‖g_j‖²
 
-Every micro-batch is forwarded once in train mode (the finite-difference pass
-runs with buffers frozen), its graph is freed before the next one starts, and
-``accumulate`` never synchronizes with the host; ``first_nonfinite`` makes the
-step's one synchronization. The optimizers turn G and P into the applied gradient
-and hand it to torch.optim.SGD's update.
+Every micro-batch is forwarded once in train mode: its backward passes (and the
+finite-difference replay) run with buffers frozen, so that a forward that activation
+checkpointing re-runs inside a backward does not update BatchNorm statistics again.
+Its graph is freed before the next one starts, and ``accumulate`` never synchronizes
+with the host; :func:`settle` makes the step's one synchronization. The optimizers turn
+G and P into the applied gradient and hand it to torch.optim.SGD's update.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ import torch
 from torch import Tensor
 
 from . import hvp
-from .batching import AutocastState, MicroBatch, call_closure
+from .batching import AutocastState, ClosureOutput, MicroBatch, call_closure
 from .penalties import Penalty
+from .transaction import frozen_buffers
 
 
 @dataclass(frozen=True)
@@ -29,12 +31,16 @@ class Accumulation:
 
     ``terms[j] = (L_j, R_j, ‖g_j‖², ‖∇R_j‖²)`` per micro-batch, kept for the finiteness check;
     ``sums = (Σ w L, Σ w R, Σ w ‖g‖², Σ_j ‖g_j‖, k)`` as one float tensor.
+    ``used[i]``: whether any micro-batch's graph reached parameter i (None: all of them);
+    ``used_count`` replaces it after a distributed all-reduce: on how many ranks it was used.
     """
 
     grad: list[Tensor]
     penalty_grad: list[Tensor] | None
     terms: Tensor
     sums: Tensor
+    used: list[bool] | None = None
+    used_count: Tensor | None = None
 
     @property
     def loss(self) -> Tensor:
@@ -53,8 +59,9 @@ class Accumulation:
         """mean_j ‖g_j‖, the small-batch step length s of iterative grafting."""
         return self.sums[3] / self.sums[4]
 
-    def reduced(self, grad: list[Tensor], penalty_grad: list[Tensor] | None, sums: Tensor) -> "Accumulation":
-        return replace(self, grad=grad, penalty_grad=penalty_grad, sums=sums)
+    def reduced(self, grad: list[Tensor], penalty_grad: list[Tensor] | None, sums: Tensor,
+                used_count: Tensor | None = None) -> "Accumulation":
+        return replace(self, grad=grad, penalty_grad=penalty_grad, sums=sums, used_count=used_count)
 
 
 def _weighted_add(total: list[Tensor] | None, term: list[Tensor], weight: float) -> list[Tensor]:
@@ -62,6 +69,10 @@ def _weighted_add(total: list[Tensor] | None, term: list[Tensor], weight: float)
         return torch._foreach_mul(term, weight)
     torch._foreach_add_(total, term, alpha=weight)
     return total
+
+
+def _either(a: list[bool], b: list[bool]) -> list[bool]:
+    return [x or y for x, y in zip(a, b)]
 
 
 def _rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
@@ -72,6 +83,65 @@ def _set_rng_state(state: tuple[Tensor, Tensor | None], device: torch.device) ->
     torch.set_rng_state(state[0])
     if state[1] is not None:
         torch.cuda.set_rng_state(state[1], device)
+
+
+@dataclass(frozen=True)
+class StepSetup:
+    """What every micro-batch of a step shares: the closure, the parameters and how to differentiate."""
+
+    closure: Callable[..., object]
+    count: int
+    params: Sequence[Tensor]
+    penalty: Penalty | None = None
+    method: str = "exact"
+    generator: torch.Generator | None = None
+    fd_eps: float = 1e-2
+    closure_autocast: AutocastState | None = None
+    loss_scale: float = 1.0
+
+    @property
+    def device(self) -> torch.device:
+        return self.params[0].device
+
+
+def micro_batch_gradients(setup: StepSetup, micro: MicroBatch,
+                          penalized: bool) -> tuple[ClosureOutput, hvp.MicroGradients]:
+    """One forward of the closure on ``micro``, then g_j (and R_j, ∇R_j when ``penalized``).
+
+    The backward passes (and the finite-difference replay) run with buffers frozen, so the
+    micro-batch updates BatchNorm statistics once, also when activation checkpointing
+    re-runs its forward inside a backward.
+    """
+    # The finite-difference pass replays the closure's random draws (dropout masks) exactly.
+    rng_before = _rng_state(setup.device) if penalized and setup.method == "finite_difference" else None
+    out = call_closure(setup.closure, micro, setup.count, setup.closure_autocast)
+    with frozen_buffers():
+        if not penalized:
+            return out, hvp.first_order(out.loss, setup.params, setup.loss_scale)
+        return out, _penalized_gradients(setup, micro, out, rng_before)
+
+
+def _penalized_gradients(setup: StepSetup, micro: MicroBatch, out: ClosureOutput,
+                         rng_before: tuple[Tensor, Tensor | None] | None) -> hvp.MicroGradients:
+    penalty, device = setup.penalty, setup.device
+    if penalty.needs_logits and out.logits is None:
+        raise TypeError(
+            f"the {penalty.name} penalty needs the logits: the closure must return (loss, logits), "
+            "e.g. `def closure(x, y): logits = model(x); return F.cross_entropy(logits, y), logits`"
+        )
+    draw = penalty.sample(out.logits, setup.generator)
+
+    def gradient_at_shift() -> list[Tensor]:
+        # fork_rng leaves the RNG as the first pass left it, whatever the replay draws; the caller's
+        # frozen_buffers restores the buffers only after the backward, which may have saved them.
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            _set_rng_state(rng_before, device)
+            shifted = call_closure(setup.closure, micro, setup.count, setup.closure_autocast)
+            return hvp.gradient(penalty.scalar(shifted.loss, shifted.logits, draw), setup.params, setup.loss_scale)
+
+    differentiate = hvp.METHODS[setup.method]
+    return differentiate(out.loss, penalty.scalar(out.loss, out.logits, draw), setup.params, gradient_at_shift,
+                         setup.fd_eps, setup.loss_scale)
 
 
 def accumulate(
@@ -90,60 +160,56 @@ def accumulate(
     ``closure_autocast`` is the autocast state to run the closure under (the caller runs
     everything else with autocast off, so that norms and penalties stay in full precision);
     every backward runs on ``loss_scale`` times its scalar and is unscaled at once (float16).
+    A parameter counts as used when any micro-batch's graph reaches it (a Python-side flag
+    merged over micro-batches: no host sync).
     """
-    count = len(micro_batches)
-    differentiate = hvp.METHODS[method]
-    device = params[0].device
-    # The finite-difference pass replays the closure's random draws (dropout masks) exactly.
-    replays_closure = penalty is not None and method == "finite_difference"
+    setup = StepSetup(closure, len(micro_batches), params, penalty, method, generator, fd_eps, closure_autocast,
+                      loss_scale)
     grad_sum = penalty_grad_sum = None
+    used = [False] * len(params)
     rows = []  # (L_j, R_j, ‖g_j‖², ‖∇R_j‖²) as one 4-vector per micro-batch
     for micro in micro_batches:
-        rng_before = _rng_state(device) if replays_closure else None
-        out = call_closure(closure, micro, count, closure_autocast)
-        if penalty is None:
-            loss_grad = hvp.gradient(out.loss, params, loss_scale)
-            penalty_value = penalty_grad_sq_norm = out.loss.new_zeros(())
+        out, grads = micro_batch_gradients(setup, micro, penalized=penalty is not None)
+        if grads.penalty_grad is None:
+            penalty_grad_sq_norm = grads.penalty
         else:
-            if penalty.needs_logits and out.logits is None:
-                raise TypeError(
-                    f"the {penalty.name} penalty needs the logits: the closure must return (loss, logits), "
-                    "e.g. `def closure(x, y): logits = model(x); return F.cross_entropy(logits, y), logits`"
-                )
-            draw = penalty.sample(out.logits, generator)
-
-            def gradient_at_shift() -> list[Tensor]:
-                # fork_rng leaves the RNG as the first pass left it, whatever the replay draws;
-                # buffers are restored only after the backward, which may have saved them.
-                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), hvp.frozen_buffers():
-                    _set_rng_state(rng_before, device)
-                    shifted = call_closure(closure, micro, count, closure_autocast)
-                    return hvp.gradient(penalty.scalar(shifted.loss, shifted.logits, draw), params, loss_scale)
-
-            grads = differentiate(out.loss, penalty.scalar(out.loss, out.logits, draw), params, gradient_at_shift, fd_eps,
-                                  loss_scale)
-            loss_grad = grads.loss_grad
-            penalty_value, penalty_grad_sq_norm = grads.penalty, hvp.squared_norm(grads.penalty_grad)
+            penalty_grad_sq_norm = hvp.squared_norm(grads.penalty_grad)
             penalty_grad_sum = _weighted_add(penalty_grad_sum, grads.penalty_grad, micro.weight)
-        rows.append(torch.stack([out.loss.detach(), penalty_value, hvp.squared_norm(loss_grad), penalty_grad_sq_norm]))
-        grad_sum = _weighted_add(grad_sum, loss_grad, micro.weight)
-        del out, loss_grad  # free this micro-batch's graph before the next forward
+        rows.append(torch.stack([out.loss.detach(), grads.penalty, hvp.squared_norm(grads.loss_grad),
+                                 penalty_grad_sq_norm]))
+        grad_sum = _weighted_add(grad_sum, grads.loss_grad, micro.weight)
+        used = _either(used, grads.used if grads.used is not None else [True] * len(params))
+        del out, grads  # free this micro-batch's graph before the next forward
     terms = torch.stack(rows)
     weights = torch.tensor([m.weight for m in micro_batches], dtype=terms.dtype).to(terms.device, non_blocking=True)
-    sums = torch.cat([weights @ terms[:, :3], terms[:, 2].sqrt().sum().unsqueeze(0), terms.new_tensor([count])])
-    return Accumulation(grad_sum, penalty_grad_sum, terms, sums)
+    sums = torch.cat([weights @ terms[:, :3], terms[:, 2].sqrt().sum().unsqueeze(0), terms.new_tensor([setup.count])])
+    return Accumulation(grad_sum, penalty_grad_sum, terms, sums, used)
 
 
-def first_nonfinite(acc: Accumulation, micro_batches: Sequence[MicroBatch], **step_terms: Tensor) -> str | None:
-    """Describe the first non-finite term (one host sync for all of them), or None when all are finite.
+def settle(acc: Accumulation, micro_batches: Sequence[MicroBatch],
+           **step_terms: Tensor) -> tuple[str | None, list[bool]]:
+    """The step's one host synchronization: the first non-finite term (None when all are finite), and
+    which parameters the step updates (those a micro-batch used, on any rank).
 
     Checks this process's per-micro-batch terms, then the (possibly all-reduced) sums and
-    the 0-dim ``step_terms`` given by name (the large-batch gradient norm ‖G‖).
+    the 0-dim ``step_terms`` given by name (the large-batch gradient norm ‖G‖). After an
+    all-reduce the usage counts travel to the host in the same transfer as the check.
     """
     finite = torch.isfinite(acc.terms)
     named = torch.stack([acc.sums.isfinite().all()] + [t.isfinite() for t in step_terms.values()])
-    if bool(finite.all() & named.all()):
-        return None
+    all_finite = finite.all() & named.all()
+    if acc.used_count is None:
+        ok, used = bool(all_finite), acc.used if acc.used is not None else [True] * len(acc.grad)
+    else:
+        on_host = torch.cat([all_finite.to(acc.used_count.dtype).reshape(1), acc.used_count]).tolist()
+        ok, used = on_host[0] == 1, [count > 0 for count in on_host[1:]]
+    if ok:
+        return None, used
+    return _describe_nonfinite(acc, micro_batches, finite, named, step_terms), used
+
+
+def _describe_nonfinite(acc: Accumulation, micro_batches: Sequence[MicroBatch], finite: Tensor, named: Tensor,
+                        step_terms: dict[str, Tensor]) -> str:
     if not bool(finite.all()):
         j, column = (int(i) for i in (~finite).nonzero()[0])
         term = ("loss L_j", "penalty R_j", "loss gradient squared norm ‖g_j‖²",
@@ -154,3 +220,4 @@ def first_nonfinite(acc: Accumulation, micro_batches: Sequence[MicroBatch], **st
         return "non-finite loss, penalty or gradient norm on another rank's micro-batch"
     name = next(name for name, t in step_terms.items() if not bool(t.isfinite()))
     return f"non-finite {name} ({step_terms[name].item()}) over the step's micro-batches"
+

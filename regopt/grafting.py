@@ -30,28 +30,41 @@ Norms = Sequence[float] | Callable[[int], float]
 MODES = ("iterative", "external", "normalized")
 
 
+def _schedule(norms: Any) -> Norms:
+    """``norms`` as a callable or a sequence of floats; a tensor or numpy array becomes a list (one host copy)."""
+    if callable(norms) or (isinstance(norms, Sequence) and not isinstance(norms, str)):
+        return norms
+    if isinstance(norms, Tensor) or (hasattr(norms, "ndim") and hasattr(norms, "tolist")):  # numpy, not imported
+        if norms.ndim != 1:
+            raise ValueError(f"norms must be one-dimensional (one norm per step), got shape {tuple(norms.shape)}")
+        return [float(n) for n in norms.tolist()]
+    raise TypeError(f"mode='external' needs norms: a sequence (list, 1-D tensor or array) or a callable t -> float, "
+                    f"got {norms!r}")
+
+
 class GraftedSGD(MicroBatchSGD):
     """Grafted SGD (iterative / external grafting) and normalized GD (NGD); see the module docstring.
 
     Args (besides MicroBatchSGD's):
         mode: ``"iterative"``, ``"external"`` or ``"normalized"``.
-        norms: for ``mode="external"`` only: a sequence indexed by step, or a callable
-            ``t -> float``; record one with :class:`GradNormRecorder`.
+        norms: for ``mode="external"`` only: a sequence indexed by step (a list, a 1-D tensor or
+            numpy array), or a callable ``t -> float``; record one with :class:`GradNormRecorder`.
+
+    Sign convention: the grafted gradient s · G/‖G‖ (s ≥ 0) is what SGD's update receives, so with
+    ``maximize=True`` the step ascends along G with the same length, θ ← θ + lr · s · G/‖G‖.
     """
 
     def __init__(self, params: ParamsT, lr: float | Tensor = 1e-3, *args: Any, mode: str = "iterative",
                  norms: Norms | None = None, **kwargs: Any) -> None:
         if mode not in MODES:
             raise ValueError(f"Invalid mode: {mode!r} (expected one of {', '.join(map(repr, MODES))})")
-        if mode == "external" and not (callable(norms) or isinstance(norms, Sequence)):
-            raise TypeError(f"mode='external' needs norms: a sequence or a callable t -> float, got {norms!r}")
         if mode != "external" and norms is not None:
             raise ValueError(f"norms is only used with mode='external', got mode={mode!r}")
         super().__init__(params, lr, *args, **kwargs)
         self.mode = mode
-        self.norms = norms
+        self.norms = _schedule(norms) if mode == "external" else None
 
-    def _prepare_step(self) -> None:
+    def _prepare_step(self, params: list[Tensor], closure_autocast: tuple[str, torch.dtype, bool]) -> None:
         # Read norms[t] before any work, so that a schedule that ran out changes nothing.
         self._external_length = self._recorded_length() if self.mode == "external" else None
 
@@ -76,7 +89,7 @@ class GraftedSGD(MicroBatchSGD):
             raise ValueError(f"Invalid norms[{t}]: {length} (expected a finite number >= 0)")
         return length
 
-    def _applied_gradient(self, acc: Accumulation, grad_norm: Tensor) -> list[Tensor]:
+    def _applied_gradient(self, acc: Accumulation, grad_norm: Tensor, params: list[Tensor]) -> list[Tensor]:
         """s · G/‖G‖, and 0 where ‖G‖ = 0."""
         scale = torch.where(grad_norm > 0, self._step_length(acc) / grad_norm, torch.zeros_like(grad_norm))
         torch._foreach_mul_(acc.grad, scale)
@@ -85,6 +98,10 @@ class GraftedSGD(MicroBatchSGD):
 
 class GradNormRecorder:
     """Record ‖.grad‖ after every step of ``optimizer`` (a step post-hook, no host sync).
+
+    The norm is that of the gradient the step applied: after clipping (``max_grad_norm``, or the
+    user's ``clip_grad_norm_`` before ``torch.optim.SGD.step``), so that lr times it is the
+    small-batch step length (without momentum), which external grafting then reproduces.
 
     Run small-batch SGD (``torch.optim.SGD`` or ``MicroBatchSGD`` with
     ``micro_batch_size`` equal to the batch size) with a recorder attached, then feed

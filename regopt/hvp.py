@@ -13,33 +13,64 @@ A new way to differentiate is a new function here with the same signature.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+import math
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 
 @dataclass(frozen=True)
 class MicroGradients:
-    """g_j (the loss gradient), R_j and ∇R_j of one micro-batch, all detached."""
+    """g_j (the loss gradient), R_j and ∇R_j of one micro-batch, all detached.
+
+    ``used[i]``: whether the micro-batch's graph (L_j or S_j) reaches parameter i at all, as autograd
+    says (a None gradient), not whether its gradient is zero; None means every parameter.
+    ``penalty_grad`` is None on the first-order path (no penalty).
+    """
 
     loss_grad: list[Tensor]
     penalty: Tensor
-    penalty_grad: list[Tensor]
+    penalty_grad: list[Tensor] | None
+    used: list[bool] | None = None
 
 
-def gradient(output: Tensor, params: Sequence[Tensor], loss_scale: float = 1.0, **kwargs) -> list[Tensor]:
-    """∇_θ output, with zeros for parameters that ``output`` does not depend on.
+def gradient_and_usage(output: Tensor, params: Sequence[Tensor], loss_scale: float = 1.0,
+                       **kwargs) -> tuple[list[Tensor], list[bool]]:
+    """∇_θ output with zeros where ``output`` does not depend on a parameter, and which parameters it depends on.
 
+    Which parameters are reached is read from autograd's None gradients, so it costs no host sync.
     With ``loss_scale`` s ≠ 1 the backward runs on s · output (so that float16 activation
     gradients do not underflow) and the result is unscaled: ∇(s · output) / s.
     """
-    grads = torch.autograd.grad(_times(output, loss_scale), params, allow_unused=True, materialize_grads=True,
-                                **kwargs)
-    _check_dense(grads)
-    return list(grads) if loss_scale == 1.0 else torch._foreach_div(grads, loss_scale)
+    grads, used = _grad(_times(output, loss_scale), params, **kwargs)
+    return (grads if loss_scale == 1.0 else torch._foreach_div(grads, loss_scale)), used
+
+
+def gradient(output: Tensor, params: Sequence[Tensor], loss_scale: float = 1.0, **kwargs) -> list[Tensor]:
+    """∇_θ output, with zeros for parameters that ``output`` does not depend on (see :func:`gradient_and_usage`)."""
+    return gradient_and_usage(output, params, loss_scale, **kwargs)[0]
+
+
+def first_order(loss: Tensor, params: Sequence[Tensor], loss_scale: float = 1.0) -> MicroGradients:
+    """g_j alone, for a micro-batch without penalty: R_j = 0 and no ∇R_j."""
+    loss_grad, used = gradient_and_usage(loss, params, loss_scale)
+    return MicroGradients(loss_grad, loss.new_zeros(()).detach(), None, used)
+
+
+def _grad(output: Tensor, params: Sequence[Tensor], **kwargs) -> tuple[list[Tensor], list[bool]]:
+    """``torch.autograd.grad`` with zeros for the unreached parameters, and which were reached."""
+    grads = torch.autograd.grad(output, params, allow_unused=True, **kwargs)
+    used = [g is not None for g in grads]
+    dense = list(grads) if all(used) else [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+    _check_dense(dense)
+    return dense, used
+
+
+def _either(a: list[bool], b: list[bool]) -> list[bool]:
+    return a if a is b else [x or y for x, y in zip(a, b)]
 
 
 def _check_dense(grads: Sequence[Tensor]) -> None:
@@ -57,7 +88,22 @@ def squared_norm(tensors: Sequence[Tensor]) -> Tensor:
     return torch.stack(torch._foreach_norm(tensors)).square().sum()
 
 
-_NO_DOUBLE_BACKWARD = ("double backward", "derivative for")
+# PyTorch's words for "this graph has no double backward": a kernel without one, aot_autograd's compiled
+# functions, and a compiled backward that was first built for single use ("donated buffers").
+_NO_DOUBLE_BACKWARD = ("double backward", "derivative for", "donated buffers")
+EXACT_UNSUPPORTED = (
+    "method='exact' needs a double backward, which this model does not support ({error}). Fused attention "
+    "kernels and torch.compile'd modules have none: use method='finite_difference'. (Fused attention can also "
+    "be switched off: timm models take fused_attn=False or the environment variable TIMM_FUSED_ATTN=0, and "
+    "F.scaled_dot_product_attention runs its math kernel, which has a double backward, under "
+    "`with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):` around the step.)"
+)
+DONATED_BUFFERS = (
+    "this penalty differentiates each micro-batch's graph twice (g_j and v_j, with retain_graph=True), which a "
+    "torch.compile'd module refuses once its backward was compiled for a single use, by an earlier plain "
+    "backward() through it ({error}). Set `torch._functorch.config.donated_buffer = False` before the model is "
+    "compiled and first run (setting it later would let a compiled backward reuse memory it still needs)."
+)
 
 
 def exact(loss: Tensor, scalar: Tensor, params: Sequence[Tensor], gradient_at_shift: Callable[[], list[Tensor]],
@@ -73,29 +119,25 @@ def exact(loss: Tensor, scalar: Tensor, params: Sequence[Tensor], gradient_at_sh
     except RuntimeError as error:
         if not any(text in str(error) for text in _NO_DOUBLE_BACKWARD):
             raise
-        raise RuntimeError(
-            f"method='exact' needs a double backward, which this model does not support ({error}). Fused "
-            "attention kernels and torch.compile'd modules have none: use method='finite_difference'."
-        ) from error
+        raise RuntimeError(EXACT_UNSUPPORTED.format(error=error)) from error
 
 
 def _exact(loss: Tensor, scalar: Tensor, params: Sequence[Tensor], loss_scale: float) -> MicroGradients:
     shares_graph = scalar is loss
-    scaled_v = torch.autograd.grad(_times(scalar, loss_scale), params, create_graph=True, allow_unused=True,
-                                   materialize_grads=True)
-    _check_dense(scaled_v)
+    scaled_v, used = _grad(_times(scalar, loss_scale), params, create_graph=True)
     penalty = _times(squared_norm(scaled_v), loss_scale**-2)
     # For GN, v_j is g_j itself; otherwise g_j needs its own first-order pass.
     if shares_graph:  # (out of place: scaled_v is still needed by the double backward)
         loss_grad = [t.detach() for t in scaled_v]
         loss_grad = loss_grad if loss_scale == 1.0 else torch._foreach_div(loss_grad, loss_scale)
     else:
-        loss_grad = gradient(loss, params, loss_scale, retain_graph=True)
+        loss_grad, loss_used = gradient_and_usage(loss, params, loss_scale, retain_graph=True)
+        used = _either(loss_used, used)
     if penalty.requires_grad:
         penalty_grad = gradient(penalty, params, loss_scale)
     else:  # v_j does not depend on θ (a model linear in its parameters): H_j = 0
         penalty_grad = [torch.zeros_like(p) for p in params]
-    return MicroGradients(loss_grad, penalty.detach(), penalty_grad)
+    return MicroGradients(loss_grad, penalty.detach(), penalty_grad, used)
 
 
 def finite_difference(loss: Tensor, scalar: Tensor, params: Sequence[Tensor],
@@ -106,8 +148,17 @@ def finite_difference(loss: Tensor, scalar: Tensor, params: Sequence[Tensor],
     Every gradient is taken of the ``loss_scale``-scaled scalar and unscaled at once.
     """
     shares_graph = scalar is loss
-    loss_grad = gradient(loss, params, loss_scale, retain_graph=not shares_graph)
-    v = loss_grad if shares_graph else gradient(scalar, params, loss_scale)
+    try:
+        loss_grad, used = gradient_and_usage(loss, params, loss_scale, retain_graph=not shares_graph)
+    except RuntimeError as error:
+        if shares_graph or "donated buffers" not in str(error):
+            raise
+        raise RuntimeError(DONATED_BUFFERS.format(error=error)) from error
+    if not shares_graph:
+        v, scalar_used = gradient_and_usage(scalar, params, loss_scale)
+        used = _either(used, scalar_used)
+    else:
+        v = loss_grad
     penalty = squared_norm(v)
     v_norm = penalty.sqrt()
     with torch.no_grad():
@@ -122,28 +173,58 @@ def finite_difference(loss: Tensor, scalar: Tensor, params: Sequence[Tensor],
             torch._foreach_copy_(params, saved)
     penalty_grad = torch._foreach_sub(shifted_v, v)
     torch._foreach_mul_(penalty_grad, 2.0 * v_norm / fd_eps)
-    return MicroGradients(loss_grad, penalty.detach(), penalty_grad)
+    return MicroGradients(loss_grad, penalty.detach(), penalty_grad, used)
 
 
 METHODS = {"exact": exact, "finite_difference": finite_difference}
 
+# ε below eps(dtype)·‖θ‖ is lost when θ + ε v̂ is rounded: the shift vanishes (or is mostly rounding).
+# Below _FD_EPS_WARN_FACTOR times that, rounding is more than 1 % of the shift.
+_FD_EPS_WARN_FACTOR = 100.0
 
-@contextmanager
-def frozen_buffers() -> Iterator[None]:
-    """Run forward passes that leave every module buffer (BatchNorm running stats, ...) as it was."""
-    saved: dict[int, tuple[list[Tensor], list[Tensor]]] = {}
 
-    def remember(module: nn.Module, args: object) -> None:
-        if id(module) not in saved:  # only the state before its first call counts
-            buffers = list(module.buffers(recurse=False))
-            if buffers:
-                saved[id(module)] = (buffers, [b.clone() for b in buffers])
+def check_fd_eps(fd_eps: float, dtype: torch.dtype, param_norm: float,
+                 compute_dtype: torch.dtype | None = None) -> None:
+    """Refuse an ε that parameters of ``dtype`` cannot resolve, and warn about one they resolve poorly.
 
-    handle = nn.modules.module.register_module_forward_pre_hook(remember)
-    try:
-        yield
-    finally:
-        handle.remove()
-        with torch.no_grad():
-            for buffers, copies in saved.values():
-                torch._foreach_copy_(buffers, copies)
+    The shifted point θ + ε v̂ (‖v̂‖ = 1) is rounded with an error of about eps·‖θ‖, so ε below
+    eps(dtype)·max(‖θ‖, 1) raises ValueError (the shift is lost), and ε below 100 times that warns
+    (rounding is more than 1 % of the shift), with the eps of the coarser of ``dtype`` and
+    ``compute_dtype`` (the autocast dtype the closure runs in, which rounds the shifted parameters again).
+    """
+    scale = max(param_norm, 1.0)
+    floor = torch.finfo(dtype).eps * scale
+    if fd_eps < floor:
+        raise ValueError(
+            f"Invalid fd_eps value: {fd_eps:g} is below what {_name(dtype)} parameters can resolve: with "
+            f"‖θ‖ = {param_norm:.3g}, rounding θ + ε v̂ errs by up to eps·‖θ‖ = {floor:.2g}, more than the shift, "
+            f"and the penalty gradient would be mostly rounding. Use fd_eps ≥ {_FD_EPS_WARN_FACTOR * floor:.2g} "
+            "(in float32, 1e-3 to 1e-2; the default is 1e-2)"
+        )
+    coarsest = dtype
+    if compute_dtype is not None and torch.finfo(compute_dtype).eps > torch.finfo(dtype).eps:
+        coarsest = compute_dtype
+    rounding = torch.finfo(coarsest).eps * scale
+    if fd_eps < _FD_EPS_WARN_FACTOR * rounding:
+        warnings.warn(
+            f"fd_eps={fd_eps:g} is small for {_name(coarsest)}: with ‖θ‖ = {param_norm:.3g}, rounding θ + ε v̂ errs by "
+            f"up to eps·‖θ‖/ε = {rounding / fd_eps:.2g} of the shift, and the penalty gradient by about as much. "
+            f"Use fd_eps ≥ {_FD_EPS_WARN_FACTOR * rounding:.2g} for 1 %, or method='exact'",
+            stacklevel=3,
+        )
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def parameter_norm(params: Sequence[Tensor]) -> float | None:
+    """‖θ‖ over the floating-point ``params`` (host syncs: for setup, not for a step), or None without data."""
+    params = [p for p in params if p.is_floating_point()]
+    if not params or any(p.is_meta or isinstance(p, torch.nn.parameter.UninitializedParameter) for p in params):
+        return None
+    total = 0.0
+    for p in params:  # in float32 at least, so that a float16 norm does not overflow
+        accumulate = torch.float64 if p.dtype == torch.float64 else torch.float32
+        total += float(torch.linalg.vector_norm(p.detach(), dtype=accumulate)) ** 2
+    return math.sqrt(total) if math.isfinite(total) else None

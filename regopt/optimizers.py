@@ -22,14 +22,24 @@ from torch.optim.optimizer import ParamsT
 
 from . import distributed, hvp, penalties
 from .batching import Batch, autocast_state, check_micro_batch_size, split_batch
-from .engine import Accumulation, accumulate, first_nonfinite
+from .engine import Accumulation, accumulate, settle
 from .penalties import Penalty
 from .stats import StepStats
+from .transaction import StepTransaction
 from .update import sgd_update
 
 _STATE_KEY = "regopt"  # optimizer.state entry for what is not per parameter: step count, loss scale, generator
 _INITIAL_DYNAMIC_SCALE = 2.0**16
 _DYNAMIC_SCALE_GROWTH_INTERVAL = 2000
+_DEFAULT_GROUP = "default"
+CLOSURE_CALLED_BACKWARD = (
+    "the closure wrote .grad (it called backward()): regopt's closure must return the mean loss over its "
+    "micro-batch (or (loss, logits)) and must not call backward() or zero_grad(); regopt differentiates it "
+    "itself, once per micro-batch. For example:\n"
+    "    def closure(x, y): return F.cross_entropy(model(x), y)\n"
+    "    optimizer.step(closure, (x, y))\n"
+    "The step was not taken, and .grad is as it was before it."
+)
 
 
 def check_hyperparameter(value: Any, name: str) -> None:
@@ -64,13 +74,19 @@ class MicroBatchSGD(torch.optim.SGD):
             before it is squared, and a non-finite step is skipped (``stats.skipped``) rather
             than raised. The current scale is ``optimizer.current_loss_scale`` (in ``state_dict()``).
         process_group: the torch.distributed group whose ranks share each step (each passes
-            its own shard of the batch); default: the world group when initialized, else None.
+            its own shard of the batch); ``"default"``: the world group *at each step* when
+            torch.distributed is initialized then (with more than one rank), so the optimizer may be
+            built before ``dist.init_process_group``; None: no communication.
 
     ``step(closure, batch)`` calls ``closure(*parts)`` (tuple/list batch), ``closure(**parts)``
     (dict) or ``closure(t)`` (tensor) once per micro-batch; the closure returns the mean
-    loss over it, or ``(loss, logits)``. ``step`` returns Σ_j w_j L_j (detached), leaves the
-    applied gradient in ``.grad`` and its measurements in ``self.stats``
-    (:class:`~regopt.StepStats`). On bad input it raises and changes nothing.
+    loss over it, or ``(loss, logits)``, and must not call ``backward()``. ``step`` returns
+    Σ_j w_j L_j (detached) and its measurements in ``self.stats`` (:class:`~regopt.StepStats`).
+    Only the parameters that require grad at step time are stepped, and of those only the ones
+    some micro-batch's graph reaches; ``.grad`` then holds the applied gradient for the stepped
+    parameters and None for the others (frozen or unused: no weight decay, no momentum), as after
+    ``zero_grad(); loss.backward()`` with torch.optim.SGD. A step that raises or is skipped
+    changes nothing: parameters, ``.grad``, optimizer state, generator, module buffers.
     """
 
     _penalty: Penalty | None = None
@@ -109,11 +125,24 @@ class MicroBatchSGD(torch.optim.SGD):
         self.max_grad_norm = max_grad_norm
         self.skip_nonfinite = bool(skip_nonfinite)
         self.loss_scale = loss_scale
-        self.process_group = distributed.default_process_group() if process_group == "default" else process_group
+        self.process_group = process_group
         self.method = "exact"
         self.fd_eps = 1e-2
         self.generator: torch.Generator | None = None
         self.stats: StepStats | None = None
+
+    @property
+    def process_group(self) -> Any:
+        """The group this step would share; ``"default"`` resolves to the world group at each step."""
+        if isinstance(self._process_group, str):
+            return distributed.default_process_group()
+        return self._process_group
+
+    @process_group.setter
+    def process_group(self, group: Any) -> None:
+        if isinstance(group, str) and group != _DEFAULT_GROUP:
+            raise ValueError(f"Invalid process_group: {group!r} (expected 'default', None or a ProcessGroup)")
+        self._process_group = group
 
     # -- state ------------------------------------------------------------------------
     @property
@@ -168,9 +197,17 @@ class MicroBatchSGD(torch.optim.SGD):
         self.state[_STATE_KEY] = extra
 
     def _trainable_params(self) -> list[Tensor]:
+        """The parameters stepped now: those of the optimizer that require grad at step time."""
         params = [p for group in self.param_groups for p in group["params"] if p.requires_grad]
+        if not params:
+            raise ValueError("no parameter requires grad: nothing to optimize")
         if any(p.is_complex() for p in params):
             raise TypeError("complex parameters are not supported: R_j = ‖v_j‖² and the step lengths assume real ones")
+        if params[0].is_meta:
+            raise ValueError(
+                "the parameters are on the meta device (shapes without data): materialize them before the first "
+                "step, e.g. model.to_empty(device=...) and initialize them"
+            )
         return params
 
     # -- the step -----------------------------------------------------------------------
@@ -180,38 +217,41 @@ class MicroBatchSGD(torch.optim.SGD):
                 f"{type(self).__name__}.step needs a closure and a batch: step(closure, batch), "
                 "where closure(*micro_batch) returns the mean loss over the micro-batch"
             )
-        group = self.process_group
+        group = self.process_group  # resolved now: the world group at step time
         # Distributed steps weight by |M_j| here and divide by the global size after the all-reduce.
         micro_batches = split_batch(batch, self.micro_batch_size, total_size=1 if group is not None else None)
         params = self._trainable_params()
-        if not params:
-            raise ValueError("no parameter requires grad: nothing to optimize")
-        self._prepare_step()
-        generator_state = self.generator.get_state() if self.generator is not None else None
         device = params[0].device
         closure_autocast = autocast_state(device)
+        self._prepare_step(params, closure_autocast)
+        transaction = StepTransaction(params, self.generator)
         # Only the closure runs under the caller's autocast: norms, penalties and the update use full precision.
         with torch.autocast(device.type, enabled=False):
-            return self._step(closure, micro_batches, params, group, generator_state, closure_autocast)
+            return self._step(closure, micro_batches, params, group, transaction, closure_autocast)
 
-    def _step(self, closure, micro_batches, params, group, generator_state, closure_autocast) -> Tensor:
+    def _step(self, closure, micro_batches, params, group, transaction, closure_autocast) -> Tensor:
         reduced = False  # whether this rank has taken part in the step's all-reduce
         try:
-            with distributed.ddp_forward_guard():  # the closure must call ddp_model.module, not ddp_model
+            # the closure must call ddp_model.module, not ddp_model; every buffer a forward touches is recorded
+            with distributed.ddp_forward_guard(), transaction.buffers.recording():
                 acc = accumulate(closure, micro_batches, params, self._penalty, self.method, self.generator,
                                  self.fd_eps, closure_autocast, self.current_loss_scale)
+            if transaction.grads_were_written():
+                raise TypeError(CLOSURE_CALLED_BACKWARD)
             if group is not None:
                 reduced = True
                 acc = distributed.all_reduce_accumulation(acc, micro_batches[-1].stop, group)
             grad_norm = hvp.squared_norm(acc.grad).sqrt()
-            problem = first_nonfinite(acc, micro_batches, **{"large-batch gradient norm ‖G‖": grad_norm})
+            problem, used = settle(acc, micro_batches, **{"large-batch gradient norm ‖G‖": grad_norm})
             if problem is not None and not (self.skip_nonfinite or self.loss_scale is not None):
                 raise FloatingPointError(f"{problem}; the step was not taken")
-        except BaseException:
-            if generator_state is not None:  # a failed step draws nothing
-                self.generator.set_state(generator_state)
+        except BaseException as error:
+            called_backward = transaction.grads_were_written()
+            transaction.rollback()  # a failed step changes nothing
             if group is not None and not reduced:  # don't leave the other ranks waiting in the all-reduce
                 distributed.join_failed_step(params, self._penalty is not None, group)
+            if called_backward and isinstance(error, Exception) and not isinstance(error, TypeError):
+                raise TypeError(CLOSURE_CALLED_BACKWARD) from error
             raise
         self.stats = StepStats(
             loss=acc.loss,
@@ -223,23 +263,35 @@ class MicroBatchSGD(torch.optim.SGD):
         )
         self._update_loss_scale(found_nonfinite=problem is not None)
         if problem is not None:  # skip_nonfinite or loss scaling: like a step never taken
-            if generator_state is not None:
-                self.generator.set_state(generator_state)
+            transaction.rollback()
             return acc.loss
-        for param, grad in zip(params, self._applied_gradient(acc, grad_norm)):
-            param.grad = grad
+        self._commit(params, self._applied_gradient(acc, grad_norm, params), used)
+        return acc.loss
+
+    def _commit(self, params: list[Tensor], applied: list[Tensor], used: list[bool]) -> None:
+        """Write ``.grad`` (None for a frozen or unused parameter: SGD then skips it) and take SGD's update."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if not p.requires_grad:
+                    p.grad = None
+        for param, grad, is_used in zip(params, applied, used):
+            param.grad = grad if is_used else None
         if self.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm, foreach=self.defaults["foreach"])
         sgd_update(self)
         self._update_state(step=self.step_count + 1)
-        return acc.loss
 
-    def _prepare_step(self) -> None:
+    def _prepare_step(self, params: list[Tensor], closure_autocast: tuple[str, torch.dtype, bool]) -> None:
         """Check, before any work, what the step will need besides its batch (nothing here)."""
 
-    def _applied_gradient(self, acc: Accumulation, grad_norm: Tensor) -> list[Tensor]:
+    def _applied_gradient(self, acc: Accumulation, grad_norm: Tensor, params: list[Tensor]) -> list[Tensor]:
         """The gradient handed to SGD's update: G here."""
         return acc.grad
+
+    def _maximizing(self, params: list[Tensor]) -> list[bool]:
+        """Per parameter of ``params``: whether its group has ``maximize=True``."""
+        ascending = {id(p) for group in self.param_groups if group["maximize"] for p in group["params"]}
+        return [id(p) in ascending for p in params]
 
 
 class _PenalizedSGD(MicroBatchSGD):
@@ -252,9 +304,14 @@ class _PenalizedSGD(MicroBatchSGD):
         penalty: λ ≥ 0.
         method: ``"exact"`` (double backprop) or ``"finite_difference"`` (forward-difference
             Hessian-vector product, one extra forward+backward per micro-batch).
-        fd_eps: ε, the finite-difference step length along v̂_j.
+        fd_eps: ε, the finite-difference step length along v̂_j: refused below eps(dtype)·‖θ‖, where
+            rounding θ + ε v̂_j loses the shift, and warned about below 100 times that (in the coarser
+            of the parameters' and the closure's autocast dtype).
         generator: a torch.Generator on the parameters' device driving every random draw
             (None: the global RNG); its state is saved in ``state_dict()``.
+
+    With ``maximize=True`` the loss is ascended and the penalty still minimized: SGD(maximize=True)
+    receives G − λP, so that without momentum θ ← θ + lr (G − λP).
     """
 
     def __init__(self, params: ParamsT, lr: float | Tensor = 1e-3, momentum: float = 0, dampening: float = 0,
@@ -278,10 +335,38 @@ class _PenalizedSGD(MicroBatchSGD):
         self.method = method
         self.fd_eps = float(fd_eps)
         self.generator = generator
+        self._param_norm: float | None = None  # ‖θ‖ when first measured, the scale fd_eps is checked against
+        self._param_norm_measured = False
+        if method == "finite_difference":
+            self._check_fd_eps([p for group in self.param_groups for p in group["params"] if p.requires_grad], None)
 
-    def _applied_gradient(self, acc: Accumulation, grad_norm: Tensor) -> list[Tensor]:
-        """G + λ P, with P = Σ_j w_j ∇R_j."""
-        torch._foreach_add_(acc.grad, acc.penalty_grad, alpha=self.penalty)
+    def _prepare_step(self, params: list[Tensor], closure_autocast: tuple[str, torch.dtype, bool]) -> None:
+        if self.method == "finite_difference":
+            self._check_fd_eps(params, closure_autocast[1] if closure_autocast[2] else None)
+
+    def _check_fd_eps(self, params: list[Tensor], compute_dtype: torch.dtype | None) -> None:
+        """fd_eps against the coarsest parameter dtype and ‖θ‖ (measured once: no host sync in a step)."""
+        floating = [p for p in params if p.is_floating_point()]
+        if not floating:
+            return
+        if not self._param_norm_measured:  # once (host syncs), when built or when finite differences start
+            self._param_norm, self._param_norm_measured = hvp.parameter_norm(floating), True
+        if self._param_norm is not None:
+            dtype = max((p.dtype for p in floating), key=lambda d: torch.finfo(d).eps)
+            hvp.check_fd_eps(self.fd_eps, dtype, self._param_norm, compute_dtype)
+
+    def _applied_gradient(self, acc: Accumulation, grad_norm: Tensor, params: list[Tensor]) -> list[Tensor]:
+        """G + λP, with P = Σ_j w_j ∇R_j; G − λP for parameters whose group maximizes (ascends L, still minimizes R)."""
+        ascending = self._maximizing(params)
+        if not any(ascending):
+            torch._foreach_add_(acc.grad, acc.penalty_grad, alpha=self.penalty)
+        elif all(ascending):
+            torch._foreach_add_(acc.grad, acc.penalty_grad, alpha=-self.penalty)
+        else:
+            for sign in (1.0, -1.0):
+                chosen = [i for i, up in enumerate(ascending) if up == (sign < 0)]
+                torch._foreach_add_([acc.grad[i] for i in chosen], [acc.penalty_grad[i] for i in chosen],
+                                    alpha=sign * self.penalty)
         return acc.grad
 
 

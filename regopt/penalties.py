@@ -10,7 +10,7 @@ lets the finite-difference path re-evaluate the *same* S_j at a shifted θ.
 | ``GRAD_NORM`` (GN) | L_j, the closure's loss |
 | ``FISHER_TRACE`` (FT) | mean_i CE(f(x_i), ŷ_i), ŷ_i ~ Categorical(softmax(f(x_i))) |
 | ``AVERAGE_JACOBIAN`` (AJ) | Σ_c mean_i f_c(x_i) |
-| ``UNIT_JACOBIAN`` (UJ) | uᵀ mean_i f(x_i), u = z/‖z‖, z ~ N(0, I_C) |
+| ``UNIT_JACOBIAN`` (UJ) | uᵀ mean_i f(x_i), u = z/‖z‖, z ~ N(0, I_C) (drawn in float32 at least) |
 """
 
 from __future__ import annotations
@@ -45,9 +45,18 @@ def _sample_labels(logits: Tensor, generator: torch.Generator | None) -> Tensor:
 
 
 def _sample_unit_direction(logits: Tensor, generator: torch.Generator | None) -> Tensor:
-    """u = z / ‖z‖ with z ~ N(0, I_C)."""
-    z = torch.randn(logits.shape[1], generator=generator, device=logits.device, dtype=logits.dtype)
+    """u = z / ‖z‖ with z ~ N(0, I_C), in float32 at least (not in the bfloat16/float16 of autocast logits)."""
+    z = torch.randn(logits.shape[1], generator=generator, device=logits.device, dtype=_at_least_float32(logits))
     return z / torch.linalg.vector_norm(z)
+
+
+def _at_least_float32(t: Tensor) -> torch.dtype:
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+def _projected_mean_logit(loss: Tensor, logits: Tensor, u: Tensor) -> Tensor:
+    """uᵀ mean_i f(x_i), the mean taken in u's precision."""
+    return logits.mean(dim=0, dtype=u.dtype) @ u
 
 
 GRAD_NORM = Penalty("grad_norm", False, _no_draw, lambda loss, logits, draw: loss)
@@ -57,6 +66,4 @@ FISHER_TRACE = Penalty(
 AVERAGE_JACOBIAN = Penalty(
     "average_jacobian", True, _no_draw, lambda loss, logits, draw: logits.mean(dim=0).sum()
 )
-UNIT_JACOBIAN = Penalty(
-    "unit_jacobian", True, _sample_unit_direction, lambda loss, logits, u: logits.mean(dim=0) @ u
-)
+UNIT_JACOBIAN = Penalty("unit_jacobian", True, _sample_unit_direction, _projected_mean_logit)

@@ -8,11 +8,13 @@ For each micro-batch M_j (consecutive slices of ``micro_batch_size``, w_j = |M_j
     S_j = L_j | CE(logits, ŷ) | Σ_c mean logits | uᵀ mean logits
     v_j = autograd.grad(S_j, θ, create_graph=True)
     R_j = Σ_p ‖v_j[p]‖²
-    (w_j · (L_j + λ R_j)).backward()                # accumulates into .grad
+    (w_j · (L_j ± λ R_j)).backward()                # accumulates into .grad
 
-then ``sgd.step()``. Grafting instead rescales the accumulated G = Σ_j w_j g_j to
-length s and steps. Random draws happen in the same order as in the fast path:
-per micro-batch, after its forward pass, from ``generator``.
+after ``sgd.zero_grad()``, then ``sgd.step()``: a parameter that no backward reaches keeps
+``.grad = None`` and is not updated. The regularizer is always minimized: + for the groups
+that minimize, − for those with ``maximize=True`` (SGD then ascends L − λR). Grafting instead
+rescales the accumulated G = Σ_j w_j g_j to length s and steps. Random draws happen in the
+same order as in the fast path: per micro-batch, after its forward pass, from ``generator``.
 """
 
 from __future__ import annotations
@@ -58,8 +60,8 @@ def step(sgd, closure, batch, *, micro_batch_size, regularizer="none", penalty=0
     """
     assert regularizer in REGULARIZERS
     params = [p for group in sgd.param_groups for p in group["params"] if p.requires_grad]
-    for p in params:
-        p.grad = torch.zeros_like(p)
+    maximizing = [p for group in sgd.param_groups if group["maximize"] for p in group["params"] if p.requires_grad]
+    sgd.zero_grad(set_to_none=True)
     size, micro_batches = _micro_batches(batch, micro_batch_size)
     losses, penalties, grad_sq_norms, grad_norms = [], [], [], []
     large_batch_grad = [torch.zeros_like(p) for p in params]  # G = Σ_j w_j g_j
@@ -91,13 +93,23 @@ def step(sgd, closure, batch, *, micro_batch_size, regularizer="none", penalty=0
         elif regularizer == "average_jacobian":
             s = logits.mean(dim=0).sum()
         else:
-            z = torch.randn(logits.shape[1], generator=generator, device=logits.device, dtype=logits.dtype)
+            dtype = torch.promote_types(logits.dtype, torch.float32)  # u in float32 at least
+            z = torch.randn(logits.shape[1], generator=generator, device=logits.device, dtype=dtype)
             u = z / torch.linalg.vector_norm(z)
-            s = logits.mean(dim=0) @ u
+            s = logits.mean(dim=0, dtype=dtype) @ u
         v = torch.autograd.grad(s, params, create_graph=True, allow_unused=True, materialize_grads=True)
         r = sum((vp ** 2).sum() for vp in v)
         penalties.append(float(r.detach()))
-        (w * (loss + penalty * r)).backward()
+        if not maximizing:
+            (w * (loss + penalty * r)).backward()
+            continue
+        (w * loss).backward(retain_graph=True)
+        r_grads = torch.autograd.grad(r, params, allow_unused=True) if r.requires_grad else [None] * len(params)
+        for p, r_grad in zip(params, r_grads):
+            if r_grad is not None:
+                sign = -1.0 if any(p is q for q in maximizing) else 1.0
+                term = sign * penalty * w * r_grad
+                p.grad = term if p.grad is None else p.grad + term
 
     weights = [(args[0] if args else next(iter(kwargs.values()))).shape[0] / size for args, kwargs in micro_batches]
     grad_norm = float(sum((G_p ** 2).sum() for G_p in large_batch_grad)) ** 0.5
@@ -105,7 +117,8 @@ def step(sgd, closure, batch, *, micro_batch_size, regularizer="none", penalty=0
         s = {"iterative": sum(grad_norms) / len(grad_norms), "external": graft_norm, "normalized": 1.0}[graft]
         with torch.no_grad():
             for p in params:
-                p.grad = p.grad * (s / grad_norm) if grad_norm > 0 else torch.zeros_like(p)
+                if p.grad is not None:
+                    p.grad = p.grad * (s / grad_norm) if grad_norm > 0 else torch.zeros_like(p)
     sgd.step()
     return ReferenceStats(
         loss=sum(w * x for w, x in zip(weights, losses)),

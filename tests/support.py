@@ -62,6 +62,9 @@ def assert_same_state(before: dict, after: dict) -> None:
         assert torch.equal(a, b)
     for a, b in zip(before["grads"], after["grads"]):
         assert (a is None and b is None) or torch.equal(a, b)
+    assert len(before["buffers"]) == len(after["buffers"])
+    for a, b in zip(before["buffers"], after["buffers"]):  # BatchNorm running statistics included
+        assert torch.equal(a, b), (a, b)
     assert_nested_equal(before["state"], after["state"])
 
 

@@ -105,3 +105,42 @@ def test_external_norms_round_trip_from_a_recorded_small_batch_run(small_batch):
 def test_recorder_with_no_steps():
     model = mlp(5)
     assert regopt.GradNormRecorder(torch.optim.SGD(model.parameters(), lr=0.1)).norms() == []
+
+
+@pytest.mark.parametrize("kind", ["tensor", "numpy"])
+def test_external_norms_accept_a_tensor_or_a_numpy_array(kind):
+    import numpy as np
+    recorded = [0.3, 0.6]
+    norms = torch.tensor(recorded, dtype=torch.float64) if kind == "tensor" else np.array(recorded)
+    model = mlp(6)
+    opt = regopt.GraftedSGD(model.parameters(), lr=0.1, micro_batch_size=2, mode="external", norms=norms)
+    for t in range(2):
+        before = [p.detach().clone() for p in model.parameters()]
+        opt.step(loss_closure(model), data_for(model, 4, seed=t))
+        step = _norm([p.detach() - q for p, q in zip(model.parameters(), before)])
+        assert step.item() == pytest.approx(0.1 * recorded[t], rel=1e-12)
+    with pytest.raises(ValueError, match="norms must be one-dimensional"):
+        regopt.GraftedSGD(model.parameters(), micro_batch_size=2, mode="external", norms=torch.ones(2, 2))
+
+
+@pytest.mark.parametrize("small_batch", ["torch", "regopt"])
+def test_recorder_records_the_applied_gradient_after_clipping(small_batch):
+    # The recorded norm is the small-batch run's step length divided by lr (momentum 0): what grafting reproduces.
+    model = mlp(7)
+    if small_batch == "torch":
+        sb = torch.optim.SGD(model.parameters(), lr=0.1)
+    else:
+        sb = regopt.MicroBatchSGD(model.parameters(), lr=0.1, micro_batch_size=4, max_grad_norm=1e-2)
+    recorder = regopt.GradNormRecorder(sb)
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = data_for(model, 4)
+    if small_batch == "torch":
+        sb.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-2)
+        sb.step()
+    else:
+        sb.step(loss_closure(model), (x, y))
+    step = _norm([p.detach() - q for p, q in zip(model.parameters(), before)])
+    assert recorder.norms() == pytest.approx([1e-2], rel=1e-4)  # clip_grad_norm_ divides by ‖g‖ + 1e-6
+    assert recorder.norms()[0] == pytest.approx(step.item() / 0.1, rel=1e-10)

@@ -97,15 +97,17 @@ def test_fisher_trace_equals_grad_norm_when_softmax_is_one_hot():
 
 
 def test_unused_and_frozen_parameters():
+    # As torch.optim.SGD after zero_grad(): no .grad, hence no weight decay or momentum (see test_drop_in.py).
     model = mlp(5)
     unused = nn.Parameter(torch.ones(3, dtype=torch.float64))
     frozen = nn.Parameter(torch.ones(2, dtype=torch.float64), requires_grad=False)
+    frozen.grad = torch.full((2,), 7.0, dtype=torch.float64)  # stale: must not be applied
     opt = regopt.GradNormSGD([*model.parameters(), unused, frozen], lr=0.1, micro_batch_size=2, penalty=0.1,
                              weight_decay=0.5)
     opt.step(loss_closure(model), data_for(model, 5))
-    assert torch.equal(unused.grad, torch.zeros(3, dtype=torch.float64))
-    torch.testing.assert_close(unused.detach(), torch.full((3,), 0.95, dtype=torch.float64))  # weight decay still applies, as in SGD
+    assert unused.grad is None and torch.equal(unused.detach(), torch.ones(3, dtype=torch.float64))
     assert frozen.grad is None and torch.equal(frozen.detach(), torch.ones(2, dtype=torch.float64))
+    assert unused not in opt.state and frozen not in opt.state
 
 
 def test_grad_holds_the_applied_gradient_and_is_replaced():

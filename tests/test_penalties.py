@@ -71,3 +71,14 @@ def test_unit_direction_has_unit_norm_and_labels_follow_softmax():
 def test_grad_norm_scalar_is_the_loss_itself():
     loss = torch.tensor(2.0)
     assert penalties.GRAD_NORM.scalar(loss, None, None) is loss
+
+
+def test_unit_jacobian_direction_is_drawn_and_normalized_in_float32_under_autocast():
+    logits = torch.randn(4, 7).to(torch.bfloat16)
+    u = penalties.UNIT_JACOBIAN.sample(logits, torch.Generator().manual_seed(3))
+    same_draw_in_float32 = penalties.UNIT_JACOBIAN.sample(logits.float(), torch.Generator().manual_seed(3))
+    assert u.dtype == torch.float32 and torch.equal(u, same_draw_in_float32)
+    assert abs(torch.linalg.vector_norm(u).item() - 1.0) < 1e-6  # bfloat16 normalizes to ~4e-3 only
+    scalar = penalties.UNIT_JACOBIAN.scalar(None, logits.requires_grad_(), u)
+    assert scalar.dtype == torch.float32
+    torch.testing.assert_close(scalar, logits.float().mean(0) @ u)

@@ -257,3 +257,45 @@ def test_soak_five_thousand_steps_without_growth():
         assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss < 20_000, name  # KiB
         assert torch.isfinite(opt.stats.loss) and torch.isfinite(opt.stats.penalty), name
         assert all(torch.isfinite(p).all() for p in model.parameters()), name
+
+
+def _compiled_after_a_plain_backward():
+    """A torch.compile'd model whose backward was first compiled by a plain backward() (for single use)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = torch.compile(nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)), backend="aot_eager")
+    batch = (torch.randn(6, 4), torch.randint(0, 3, (6,)))
+    F.cross_entropy(model(batch[0][:3]), batch[1][:3]).backward()  # e.g. a warm-up or small-batch phase
+    for p in model.parameters():
+        p.grad = None
+    return model, batch
+
+
+def test_compiled_donated_buffers_error_points_exact_to_finite_difference():
+    model, batch = _compiled_after_a_plain_backward()
+    exact = regopt.GradNormSGD(model.parameters(), lr=0.1, momentum=0.9, micro_batch_size=3, penalty=0.1)
+    before = snapshot(model, exact)
+    with pytest.raises(RuntimeError, match="method='finite_difference'") as info:
+        exact.step(_attention_closure(model), batch)
+    assert "donated buffers" in str(info.value)  # PyTorch's raw message before the fix, with no way out
+    assert "TIMM_FUSED_ATTN=0" in str(info.value) and "SDPBackend.MATH" in str(info.value)
+    assert_same_state(before, snapshot(model, exact))
+    fd = regopt.GradNormSGD(model.parameters(), lr=0.1, micro_batch_size=3, penalty=0.1, method="finite_difference")
+    fd.step(_attention_closure(model), batch)
+    assert torch.isfinite(fd.stats.penalty) and fd.stats.penalty > 0
+
+
+def test_compiled_donated_buffers_in_finite_differences_say_how_to_turn_them_off():
+    # FT's finite differences take g_j and v_j from one graph (retain_graph=True), which donated buffers refuse too.
+    model, batch = _compiled_after_a_plain_backward()
+    closure = lambda x, y: (F.cross_entropy(model(x), y), model(x))
+    ft = regopt.FisherTraceSGD(model.parameters(), lr=0.1, micro_batch_size=3, penalty=0.1, method="finite_difference")
+    with pytest.raises(RuntimeError, match=r"donated_buffer = False` before the model is compiled"):
+        ft.step(closure, batch)
+    with torch._functorch.config.patch(donated_buffer=False):
+        model, batch = _compiled_after_a_plain_backward()
+        closure = lambda x, y: (F.cross_entropy(model(x), y), model(x))
+        ft = regopt.FisherTraceSGD(model.parameters(), lr=0.1, micro_batch_size=3, penalty=0.1,
+                                   method="finite_difference")
+        ft.step(closure, batch)
+    assert torch.isfinite(ft.stats.penalty) and ft.stats.penalty > 0

@@ -1,0 +1,115 @@
+"""What a step changes before it knows whether it commits, recorded so that a failed or skipped step changes nothing.
+
+Before its one host synchronization a step has already changed:
+
+* module buffers (BatchNorm running statistics, ``num_batches_tracked``), through the closure's forwards;
+* the random generator, through the penalties' draws;
+* the ``.grad`` of the optimizer's parameters, which the step sets aside (to None) while it runs, so that
+  a closure that calls ``backward()`` shows itself and cannot corrupt them.
+
+Parameters and optimizer state change only when the step commits, so they need no record.
+:class:`StepTransaction` holds the three records and puts them back on :meth:`~StepTransaction.rollback`.
+
+Buffers are recorded by a global forward pre-hook (:mod:`regopt.forward_hooks`), before a module's first
+call, for that module and all of its submodules: inside a ``torch.compile``'d graph the hook does not fire
+for submodules, only for the ``OptimizedModule`` around them. The same recorder gives :func:`frozen_buffers`,
+for passes that must leave every buffer as it was (the finite-difference replay, and the recomputation that
+activation checkpointing runs inside a backward).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+from . import forward_hooks
+
+
+class BufferRecord:
+    """Copies of the buffers of every module whose forward runs while :meth:`recording`, taken before its first call.
+
+    Each buffer is copied once (the first state counts), whichever modules share it.
+    """
+
+    def __init__(self) -> None:
+        self._modules: dict[int, nn.Module] = {}  # visited, kept alive so that ids stay unique
+        self._saved: dict[int, tuple[nn.Module, str, Tensor, Tensor]] = {}  # id(buffer) -> (owner, name, buffer, copy)
+
+    def record(self, module: nn.Module) -> None:
+        """Copy the buffers of ``module`` and of its submodules not visited yet."""
+        pending = [module]
+        while pending:
+            current = pending.pop()
+            if id(current) in self._modules:  # its submodules were visited with it
+                continue
+            self._modules[id(current)] = current
+            for name, buffer in current.named_buffers(recurse=False):
+                if id(buffer) not in self._saved:
+                    self._saved[id(buffer)] = (current, name, buffer, buffer.detach().clone())
+            pending.extend(child for child in current.children())
+
+    @contextmanager
+    def recording(self) -> Iterator[BufferRecord]:
+        """Record every module whose forward starts inside the block."""
+        with forward_hooks.calling(self.record):
+            yield self
+
+    def restore(self) -> None:
+        """Put every recorded buffer back (the tensor object too, if a module replaced it)."""
+        if not self._saved:
+            return
+        buffers, copies = [], []
+        for owner, name, buffer, copy in self._saved.values():
+            if owner._buffers.get(name) is not buffer:
+                owner._buffers[name] = buffer
+            buffers.append(buffer)
+            copies.append(copy)
+        with torch.no_grad():
+            torch._foreach_copy_(buffers, copies)
+
+
+@contextmanager
+def frozen_buffers() -> Iterator[None]:
+    """Run forward passes that leave every module buffer (BatchNorm running stats, ...) as it was.
+
+    Buffers are put back when the block ends, not when each forward ends: a backward inside the
+    block may still need what the forward saved.
+    """
+    record = BufferRecord()
+    try:
+        with record.recording():
+            yield
+    finally:
+        record.restore()
+
+
+class StepTransaction:
+    """One step's records: module buffers, the parameters' ``.grad`` (set aside) and the generator state.
+
+    Creating it sets every parameter's ``.grad`` to None for the duration of the step; the step
+    then either commits (assigns the new ``.grad``) or calls :meth:`rollback`.
+    """
+
+    def __init__(self, params: Sequence[Tensor], generator: torch.Generator | None) -> None:
+        self.params = list(params)
+        self.buffers = BufferRecord()
+        self._generator = generator
+        self._generator_state = generator.get_state() if generator is not None else None
+        self._grads = [p.grad for p in self.params]
+        for p in self.params:
+            p.grad = None
+
+    def grads_were_written(self) -> bool:
+        """Whether something (a closure calling ``backward()``) wrote a ``.grad`` during the step."""
+        return any(p.grad is not None for p in self.params)
+
+    def rollback(self) -> None:
+        """Put back buffers, ``.grad`` and generator state as they were before the step."""
+        self.buffers.restore()
+        for p, grad in zip(self.params, self._grads):
+            p.grad = grad
+        if self._generator is not None:
+            self._generator.set_state(self._generator_state)
