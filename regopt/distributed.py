@@ -144,7 +144,9 @@ def all_reduce_accumulation(acc: Accumulation, local_size: int, group: dist.Proc
     pieces: list[Tensor] = list(acc.grad) + list(acc.penalty_grad or [])
     dtype = _wire_dtype(pieces + [acc.sums])
     used = acc.used if acc.used is not None else [True] * len(acc.grad)
-    tail = torch.cat([acc.sums.to(dtype), acc.sums.new_tensor([local_size, *used], dtype=dtype)])
+    # Copied without blocking, like the engine's weights: a plain new_tensor would synchronize with the host.
+    flags = torch.tensor([local_size, *used], dtype=dtype).to(acc.sums.device, non_blocking=True)
+    tail = torch.cat([acc.sums.to(dtype), flags])
     flat = torch.cat([t.reshape(-1).to(dtype) for t in pieces] + [tail])
     dist.all_reduce(flat, group=group)
     numel = flat.numel() - tail.numel()

@@ -182,7 +182,8 @@ def accumulate(
         del out, grads  # free this micro-batch's graph before the next forward
     terms = torch.stack(rows)
     weights = torch.tensor([m.weight for m in micro_batches], dtype=terms.dtype).to(terms.device, non_blocking=True)
-    sums = torch.cat([weights @ terms[:, :3], terms[:, 2].sqrt().sum().unsqueeze(0), terms.new_tensor([setup.count])])
+    count = terms.new_full((1,), setup.count)  # a fill kernel: new_tensor([k]) would copy from the host and sync
+    sums = torch.cat([weights @ terms[:, :3], terms[:, 2].sqrt().sum().unsqueeze(0), count])
     return Accumulation(grad_sum, penalty_grad_sum, terms, sums, used)
 
 

@@ -41,7 +41,13 @@ def _sample_labels(logits: Tensor, generator: torch.Generator | None) -> Tensor:
     # Non-finite logits draw from a uniform row instead of failing inside multinomial: R_j is then
     # non-finite and the step's finiteness check names the micro-batch (no host sync here).
     probs = torch.where(probs.isfinite().all(dim=1, keepdim=True), probs, 1.0 / probs.shape[1])
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    return sample_categorical(probs, generator)
+
+
+def sample_categorical(probs: Tensor, generator: torch.Generator | None) -> Tensor:
+    """One index per row, argmax_c p_c / q_c with q_c ~ Exp(1): torch.multinomial(probs, 1)'s own algorithm
+    (the same draws from the same generator), without its two host-synchronizing validity checks."""
+    return (probs / torch.empty_like(probs).exponential_(generator=generator)).argmax(dim=1)
 
 
 def _sample_unit_direction(logits: Tensor, generator: torch.Generator | None) -> Tensor:

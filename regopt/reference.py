@@ -88,7 +88,7 @@ def step(sgd, closure, batch, *, micro_batch_size, regularizer="none", penalty=0
         elif regularizer == "fisher_trace":
             probs = torch.softmax(logits.detach().float(), dim=1)
             probs = torch.where(probs.isfinite().all(dim=1, keepdim=True), probs, 1.0 / probs.shape[1])
-            labels = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+            labels = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # = penalties.sample_categorical's draw
             s = F.cross_entropy(logits, labels)
         elif regularizer == "average_jacobian":
             s = logits.mean(dim=0).sum()

@@ -6,6 +6,8 @@ import itertools
 
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import regopt
 from regopt import penalties
@@ -82,3 +84,15 @@ def test_unit_jacobian_direction_is_drawn_and_normalized_in_float32_under_autoca
     scalar = penalties.UNIT_JACOBIAN.scalar(None, logits.requires_grad_(), u)
     assert scalar.dtype == torch.float32
     torch.testing.assert_close(scalar, logits.float().mean(0) @ u)
+
+
+@given(seed=st.integers(0, 2**31 - 1), rows=st.integers(1, 40), classes=st.integers(1, 12),
+       temperature=st.floats(0.1, 10.0))
+@settings(max_examples=40, deadline=None)
+def test_sample_categorical_draws_exactly_what_torch_multinomial_draws(seed, rows, classes, temperature):
+    # FT samples without torch.multinomial's host-synchronizing checks; the labels and the generator's
+    # state afterwards must be torch.multinomial's own, so regopt.reference (which calls it) stays the spec.
+    probs = torch.softmax(torch.randn(rows, classes, generator=torch.Generator().manual_seed(seed)) * temperature, 1)
+    ours, theirs = torch.Generator().manual_seed(seed + 1), torch.Generator().manual_seed(seed + 1)
+    assert torch.equal(penalties.sample_categorical(probs, ours), torch.multinomial(probs, 1, generator=theirs).squeeze(1))
+    assert torch.equal(ours.get_state(), theirs.get_state())
