@@ -48,7 +48,10 @@ def logits_closure(model: nn.Module):
 
 
 def snapshot(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """Everything a failed step must leave alone: parameters, buffers, .grad, optimizer state."""
+    """Everything a failed step must leave alone: parameters, buffers, .grad, optimizer state.
+
+    regopt's ``state_dict()`` carries the step count, the loss scale and the generator's state too.
+    """
     return {
         "params": [p.detach().clone() for p in model.parameters()],
         "grads": [None if p.grad is None else p.grad.clone() for p in model.parameters()],
@@ -66,6 +69,11 @@ def assert_same_state(before: dict, after: dict) -> None:
     for a, b in zip(before["buffers"], after["buffers"]):  # BatchNorm running statistics included
         assert torch.equal(a, b), (a, b)
     assert_nested_equal(before["state"], after["state"])
+
+
+def assert_unchanged(before: dict, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """The step since ``before = snapshot(model, optimizer)`` changed nothing observable."""
+    assert_same_state(before, snapshot(model, optimizer))
 
 
 def assert_nested_equal(a, b) -> None:
