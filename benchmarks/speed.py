@@ -10,7 +10,9 @@ steps after ``--warmup`` untimed ones. Prints a markdown table and writes JSON.
 
 Rows: ``SGD-accum`` (torch.optim.SGD with gradient accumulation over the micro-batches, the
 baseline), ``LB`` (MicroBatchSGD), ``GN/FT/AJ/UJ-exact`` and ``-finite_difference``, the
-paper's loop ``GN/FT/AJ/UJ-reference`` (regopt.reference) and the grafting modes. Any row can
+paper's loop ``GN/FT/AJ/UJ-reference`` (regopt.reference), ``GN/FT-<method>-sub=m`` (the
+penalty on m = 1 and m = k/4 of the k micro-batches, ``penalty_micro_batches=m``) and the
+grafting modes. Any row can
 be repeated under bfloat16 autocast (``--bf16-rows``, suffix ``-bf16``) or through a
 ``torch.compile``'d copy of the model (``--compile-rows``, suffix ``-compiled``; the first
 warm-up step, which compiles, is reported apart as ``compile_s``).
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import math
 import os
@@ -60,6 +63,7 @@ PENALIZED = {"GN": ("grad_norm", regopt.GradNormSGD, {}), "FT": ("fisher_trace",
              "AJ": ("average_jacobian", regopt.JacobianRegSGD, {"kind": "average"}),
              "UJ": ("unit_jacobian", regopt.JacobianRegSGD, {"kind": "unit"})}
 GRAFTS = {"GRAFT-iter": "iterative", "GRAFT-ext": "external", "NGD": "normalized"}
+SUBSAMPLED = ("GN", "FT")  # also timed with the penalty on m = 1 and m = k/4 of the k micro-batches (-sub=m)
 BASELINE = "SGD-accum"
 MIB = 2**20
 
@@ -139,11 +143,23 @@ def row_builders(args) -> dict[str, Callable[[nn.Module, nn.Module], tuple]]:
                                                                    **common, **extra))
         if not args.no_reference:
             builders[f"{name}-reference"] = _reference(args, regularizer)
+    for name in SUBSAMPLED:
+        regularizer, cls, extra = PENALIZED[name]
+        for method, m in itertools.product(args.methods, subsample_sizes(args)):
+            builders[f"{name}-{method}-sub={m}"] = _regopt(
+                lambda p, cls=cls, extra=extra, method=method, m=m: cls(p, penalty=args.penalty, method=method,
+                                                                        penalty_micro_batches=m, **common, **extra))
     for name, mode in GRAFTS.items():
         norms = (lambda t: 1.0) if mode == "external" else None
         builders[name] = _regopt(lambda p, mode=mode, norms=norms: regopt.GraftedSGD(p, mode=mode, norms=norms,
                                                                                      **common))
     return builders
+
+
+def subsample_sizes(args) -> list[int]:
+    """The m of the -sub=m rows: 1 and k/4 (k = ceil(batch / micro)), those below k."""
+    k = -(-args.batch // args.micro)
+    return sorted({m for m in (1, k // 4) if 1 <= m < k})
 
 
 def _check_names(kind: str, names: list[str] | None, known: dict) -> None:

@@ -40,6 +40,13 @@ generator starts in the state a single process reaches after the micro-batches o
 0..r-1; otherwise it is a different draw from the same distribution. The finite-difference
 replay of the closure's own draws (dropout) is local to each rank.
 
+Subsampled penalty (``penalty_micro_batches = m``): m is per rank. Rank r draws S_r, min(m, k_r)
+of its own k_r micro-batches, from its own generator, and weights each sampled term by
+k_r / min(m, k_r) (so a rank with k_r <= m takes them all, unweighted). Each rank's share is then
+unbiased for Σ_{j on r} |M_j| ∇R_j, hence the all-reduced sum for the global Σ_j w_j ∇R_j; nothing
+more is communicated, and the step keeps its one all-reduce. The global step penalizes about
+m · (number of ranks) micro-batches.
+
 Failures. The non-finite check runs after the all-reduce on every rank: a NaN or inf on one
 rank's micro-batch makes the reduced sums non-finite on all ranks, so every rank raises
 FloatingPointError (the offending rank names its micro-batch) or, with ``skip_nonfinite=True``

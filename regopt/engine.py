@@ -9,11 +9,23 @@ checkpointing re-runs inside a backward does not update BatchNorm statistics aga
 Its graph is freed before the next one starts, and ``accumulate`` never synchronizes
 with the host; :func:`settle` makes the step's one synchronization. The optimizers turn
 G and P into the applied gradient and hand it to torch.optim.SGD's update.
+
+Subsampled penalty (``penalty_micro_batches = m < k``): the penalty work runs on a set S of m of
+the k micro-batches, drawn uniformly without replacement once per step before the loop
+(:func:`sample_penalty_subset`), and each sampled term is weighted by k/m:
+
+    P̂ = Σ_{j∈S} (k/m) w_j ∇R_j,   penalty = Σ_{j∈S} (k/m) w_j R_j,   E_S[P̂] = P,
+
+while G, loss and micro_grad_sq_norm still sum over every micro-batch. An unsampled micro-batch
+takes the first-order path (no create_graph, no replay) but still makes its penalty draw (FT
+labels, UJ direction) and discards it, so micro-batch j draws the same numbers whichever S is
+drawn: P̂ is the full step's P, with the same draws, thinned (E_S[P̂ | draws] = P exactly).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+import hashlib
 from dataclasses import dataclass, replace
 
 import torch
@@ -117,19 +129,27 @@ def micro_batch_gradients(setup: StepSetup, micro: MicroBatch,
     out = call_closure(setup.closure, micro, setup.count, setup.closure_autocast)
     with frozen_buffers():
         if not penalized:
+            if setup.penalty is not None:  # an unsampled micro-batch: its draw, discarded (see the module docstring)
+                _penalty_draw(setup, out)
             return out, hvp.first_order(out.loss, setup.params, setup.loss_scale)
         return out, _penalized_gradients(setup, micro, out, rng_before)
 
 
-def _penalized_gradients(setup: StepSetup, micro: MicroBatch, out: ClosureOutput,
-                         rng_before: tuple[Tensor, Tensor | None] | None) -> hvp.MicroGradients:
-    penalty, device = setup.penalty, setup.device
+def _penalty_draw(setup: StepSetup, out: ClosureOutput) -> Tensor | None:
+    """The micro-batch's random draw for its penalty (FT labels, UJ direction; None for GN, AJ)."""
+    penalty = setup.penalty
     if penalty.needs_logits and out.logits is None:
         raise TypeError(
             f"the {penalty.name} penalty needs the logits: the closure must return (loss, logits), "
             "e.g. `def closure(x, y): logits = model(x); return F.cross_entropy(logits, y), logits`"
         )
-    draw = penalty.sample(out.logits, setup.generator)
+    return penalty.sample(out.logits, setup.generator)
+
+
+def _penalized_gradients(setup: StepSetup, micro: MicroBatch, out: ClosureOutput,
+                         rng_before: tuple[Tensor, Tensor | None] | None) -> hvp.MicroGradients:
+    penalty, device = setup.penalty, setup.device
+    draw = _penalty_draw(setup, out)
 
     def gradient_at_shift() -> list[Tensor]:
         # fork_rng leaves the RNG as the first pass left it, whatever the replay draws; the caller's
@@ -144,6 +164,46 @@ def _penalized_gradients(setup: StepSetup, micro: MicroBatch, out: ClosureOutput
                          setup.fd_eps, setup.loss_scale)
 
 
+def sample_penalty_subset(count: int, size: int, generator: torch.Generator | None) -> frozenset[int]:
+    """``size`` of the indices 0..count-1, uniformly without replacement: the micro-batches that get the penalty.
+
+    Drawn on the host, without synchronizing with a device:
+
+    * ``generator`` None: ``torch.randperm(count)`` from the global CPU RNG (``torch.manual_seed``);
+    * a CPU ``generator``: ``torch.randperm(count, generator=generator)``;
+    * a device (CUDA) ``generator``: its state (``get_state()``, a CPU tensor: seed and Philox offset,
+      read without a sync) is hashed into the seed of a CPU generator that draws the permutation, and
+      the device generator is then advanced by one tiny device draw (an asynchronous kernel), so that
+      the next step hashes a different state. Reading a permutation drawn on the device would need a
+      blocking copy to the host.
+
+    Either way the subset is a function of the generator state, which the draw advances: it is saved
+    in ``state_dict()`` (a resumed run draws the same subsets) and a failed step's rollback restores it.
+    """
+    if generator is None:
+        order = torch.randperm(count)
+    elif generator.device.type == "cpu":
+        order = torch.randperm(count, generator=generator)
+    else:
+        order = torch.randperm(count, generator=host_generator(generator.get_state()))
+        torch.empty(1, device=generator.device).uniform_(generator=generator)  # advance: no host sync
+    return frozenset(order[:size].tolist())
+
+
+def host_generator(state: Tensor) -> torch.Generator:
+    """A CPU generator seeded by a 64-bit hash of a generator's state bytes (deterministic across runs)."""
+    digest = hashlib.blake2b(state.cpu().numpy().tobytes(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little"))
+
+
+def _penalized_subset(penalty: Penalty | None, penalty_micro_batches: int | None, count: int,
+                      generator: torch.Generator | None) -> frozenset[int] | None:
+    """The sampled micro-batches, or None when every micro-batch gets the penalty (no draw then)."""
+    if penalty is None or penalty_micro_batches is None or penalty_micro_batches >= count:
+        return None
+    return sample_penalty_subset(count, penalty_micro_batches, generator)
+
+
 def accumulate(
     closure: Callable[..., object],
     micro_batches: Sequence[MicroBatch],
@@ -154,6 +214,7 @@ def accumulate(
     fd_eps: float = 1e-2,
     closure_autocast: AutocastState | None = None,
     loss_scale: float = 1.0,
+    penalty_micro_batches: int | None = None,
 ) -> Accumulation:
     """Run the closure on each micro-batch and sum the weighted gradients and statistics.
 
@@ -162,19 +223,23 @@ def accumulate(
     every backward runs on ``loss_scale`` times its scalar and is unscaled at once (float16).
     A parameter counts as used when any micro-batch's graph reaches it (a Python-side flag
     merged over micro-batches: no host sync).
+    ``penalty_micro_batches`` m < k: the penalty on m sampled micro-batches, weighted by k/m (module docstring).
     """
     setup = StepSetup(closure, len(micro_batches), params, penalty, method, generator, fd_eps, closure_autocast,
                       loss_scale)
+    sampled = _penalized_subset(penalty, penalty_micro_batches, len(micro_batches), generator)
+    scale = 1.0 if sampled is None else len(micro_batches) / len(sampled)  # k/m, 1/P(j ∈ S)
     grad_sum = penalty_grad_sum = None
     used = [False] * len(params)
-    rows = []  # (L_j, R_j, ‖g_j‖², ‖∇R_j‖²) as one 4-vector per micro-batch
-    for micro in micro_batches:
-        out, grads = micro_batch_gradients(setup, micro, penalized=penalty is not None)
+    rows = []  # (L_j, R_j, ‖g_j‖², ‖∇R_j‖²) as one 4-vector per micro-batch; R_j = ‖∇R_j‖² = 0 when unsampled
+    for j, micro in enumerate(micro_batches):
+        penalized = penalty is not None and (sampled is None or j in sampled)
+        out, grads = micro_batch_gradients(setup, micro, penalized=penalized)
         if grads.penalty_grad is None:
             penalty_grad_sq_norm = grads.penalty
         else:
             penalty_grad_sq_norm = hvp.squared_norm(grads.penalty_grad)
-            penalty_grad_sum = _weighted_add(penalty_grad_sum, grads.penalty_grad, micro.weight)
+            penalty_grad_sum = _weighted_add(penalty_grad_sum, grads.penalty_grad, micro.weight * scale)
         rows.append(torch.stack([out.loss.detach(), grads.penalty, hvp.squared_norm(grads.loss_grad),
                                  penalty_grad_sq_norm]))
         grad_sum = _weighted_add(grad_sum, grads.loss_grad, micro.weight)
@@ -183,7 +248,10 @@ def accumulate(
     terms = torch.stack(rows)
     weights = torch.tensor([m.weight for m in micro_batches], dtype=terms.dtype).to(terms.device, non_blocking=True)
     count = terms.new_full((1,), setup.count)  # a fill kernel: new_tensor([k]) would copy from the host and sync
-    sums = torch.cat([weights @ terms[:, :3], terms[:, 2].sqrt().sum().unsqueeze(0), count])
+    weighted = weights @ terms[:, :3]
+    if scale != 1.0:
+        weighted[1].mul_(scale)  # Σ_{j∈S} (k/m) w_j R_j (the unsampled rows hold R_j = 0)
+    sums = torch.cat([weighted, terms[:, 2].sqrt().sum().unsqueeze(0), count])
     return Accumulation(grad_sum, penalty_grad_sum, terms, sums, used)
 
 

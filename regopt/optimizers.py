@@ -51,6 +51,12 @@ def check_hyperparameter(value: Any, name: str) -> None:
         raise ValueError(f"Invalid {name}: {value} (expected a finite number >= 0)")
 
 
+def check_penalty_micro_batches(value: Any) -> None:
+    """None or an int ≥ 1 (bool refused), else ValueError "Invalid penalty_micro_batches: <value>"."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"Invalid penalty_micro_batches: {value!r} (expected None or an int >= 1)")
+
+
 class MicroBatchSGD(torch.optim.SGD):
     r"""Large-batch SGD over micro-batches ("LB SGD", the paper's baseline).
 
@@ -129,6 +135,7 @@ class MicroBatchSGD(torch.optim.SGD):
         self.method = "exact"
         self.fd_eps = 1e-2
         self.generator: torch.Generator | None = None
+        self.penalty_micro_batches: int | None = None
         self.stats: StepStats | None = None
 
     @property
@@ -235,7 +242,8 @@ class MicroBatchSGD(torch.optim.SGD):
             # the closure must call ddp_model.module, not ddp_model; every buffer a forward touches is recorded
             with distributed.ddp_forward_guard(), transaction.buffers.recording():
                 acc = accumulate(closure, micro_batches, params, self._penalty, self.method, self.generator,
-                                 self.fd_eps, closure_autocast, self.current_loss_scale)
+                                 self.fd_eps, closure_autocast, self.current_loss_scale,
+                                 self.penalty_micro_batches)
             if transaction.grads_were_written():
                 raise TypeError(CLOSURE_CALLED_BACKWARD)
             if group is not None:
@@ -309,6 +317,14 @@ class _PenalizedSGD(MicroBatchSGD):
             of the parameters' and the closure's autocast dtype).
         generator: a torch.Generator on the parameters' device driving every random draw
             (None: the global RNG); its state is saved in ``state_dict()``.
+        penalty_micro_batches: m, or None. With k micro-batches in the step and m < k, only m of
+            them, drawn uniformly without replacement once per step (from ``generator``, else the
+            global CPU RNG), get the penalty, each weighted by k/m:
+            P̂ = Σ_{j∈S} (k/m) w_j ∇R_j, so E[P̂] = Σ_j w_j ∇R_j (``stats.penalty`` likewise; G and
+            ``stats.micro_grad_sq_norm`` stay exact). The others take the first-order path, so a step
+            costs about (1 + c·m/k) large-batch steps, c the penalty's extra cost. m ≥ k or None: every
+            micro-batch (bit-identical to the full penalty). Distributed: m is per rank (each rank
+            samples min(m, k_r) of its own k_r micro-batches with weight k_r / min(m, k_r)).
 
     With ``maximize=True`` the loss is ascended and the penalty still minimized: SGD(maximize=True)
     receives G − λP, so that without momentum θ ← θ + lr (G − λP).
@@ -317,8 +333,10 @@ class _PenalizedSGD(MicroBatchSGD):
     def __init__(self, params: ParamsT, lr: float | Tensor = 1e-3, momentum: float = 0, dampening: float = 0,
                  weight_decay: float | Tensor = 0, nesterov: bool = False, *, micro_batch_size: int,
                  penalty: float, method: str = "exact", fd_eps: float = 1e-2,
-                 generator: torch.Generator | None = None, **kwargs: Any) -> None:
+                 generator: torch.Generator | None = None, penalty_micro_batches: int | None = None,
+                 **kwargs: Any) -> None:
         check_hyperparameter(penalty, "penalty value")
+        check_penalty_micro_batches(penalty_micro_batches)
         if method not in hvp.METHODS:
             raise ValueError(f"Invalid method: {method!r} (expected one of {', '.join(map(repr, hvp.METHODS))})")
         check_hyperparameter(fd_eps, "fd_eps value")
@@ -335,6 +353,7 @@ class _PenalizedSGD(MicroBatchSGD):
         self.method = method
         self.fd_eps = float(fd_eps)
         self.generator = generator
+        self.penalty_micro_batches = penalty_micro_batches
         self._param_norm: float | None = None  # ‖θ‖ when first measured, the scale fd_eps is checked against
         self._param_norm_measured = False
         if method == "finite_difference":

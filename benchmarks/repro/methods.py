@@ -2,15 +2,18 @@
 
 A method name is a base method with optional variant suffixes, in this order::
 
-    NAME   := BASE [ "@λ=" VALUE ] [ "-|M|=" SIZE ]
+    NAME   := BASE [ "@λ=" VALUE ] [ "-|M|=" SIZE ] [ "-sub=" COUNT ]
     BASE   := SB | LB | GN | FT | AJ | UJ | GRAFT-iter | GRAFT-ext | NGD
     VALUE  := a finite number >= 0 (0.03, 3e-2); "@lambda=" is accepted for "@λ="; only GN FT AJ UJ take it
     SIZE   := an integer >= 1, the micro-batch size |M|
+    COUNT  := an integer >= 1, the micro-batches per step that get the penalty
+              (``penalty_micro_batches``; m >= k is the full penalty); only GN FT AJ UJ take it
 
-so ``GN@λ=0.03-|M|=1024`` is GradNormSGD with λ = 0.03 and |M| = 1024. Each name is one row of the
+so ``GN@λ=0.03-|M|=1024`` is GradNormSGD with λ = 0.03 and |M| = 1024, and ``GN-|M|=256-sub=2`` the
+same with the penalty on 2 randomly drawn micro-batches of each step (weighted k/2). Each name is one row of the
 summary, one curve and its own CSV rows. Names are canonicalized (``GN@lambda=3e-2`` becomes
-``GN@λ=0.03``), so two spellings of one variant are one run. A new suffix (e.g. ``-sub=m``) is one
-more entry in ``_SUFFIXES`` and one more field of :class:`MethodSpec`.
+``GN@λ=0.03``), so two spellings of one variant are one run. A new suffix is one more entry in
+``_SUFFIXES`` and one more field of :class:`MethodSpec`.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import regopt
 BASE_METHODS = ("SB", "LB", "GN", "FT", "AJ", "UJ", "GRAFT-iter", "GRAFT-ext", "NGD")
 PENALIZED = ("GN", "FT", "AJ", "UJ")
 NEEDS_SB = ("GRAFT-ext", "NGD")  # they read this seed's SB run (its norms, its step length)
-GRAMMAR = "BASE[@λ=VALUE][-|M|=SIZE]"
+GRAMMAR = "BASE[@λ=VALUE][-|M|=SIZE][-sub=COUNT]"
 _BASE_RE = re.compile("|".join(re.escape(b) for b in sorted(BASE_METHODS, key=len, reverse=True)))
 _NUMBER_RE = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
 _INTEGER_RE = re.compile(r"\d+")
@@ -44,6 +47,7 @@ class MethodSpec:
     base: str
     micro_batch_size: int | None = None  # None: the config's |M|
     penalty: float | None = None  # λ from the name (``@λ=``); None: from the config's penalty table
+    penalty_micro_batches: int | None = None  # m from the name (``-sub=``); None: every micro-batch
 
 
 # -- the grammar ------------------------------------------------------------------------------------
@@ -58,6 +62,13 @@ def _read_size(text: str, name: str) -> int:
     value = int(text)
     if value < 1:
         raise ValueError(f"invalid micro-batch size in {name!r}: expected an integer >= 1, got {text!r}")
+    return value
+
+
+def _read_count(text: str, name: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(f"invalid penalized micro-batch count in {name!r}: expected an integer >= 1, got {text!r}")
     return value
 
 
@@ -77,6 +88,8 @@ _SUFFIXES = (
             PENALIZED, "λ"),
     _Suffix("micro_batch_size", re.compile(r"-\|M\|="), _INTEGER_RE, _read_size, lambda v: f"-|M|={v}",
             BASE_METHODS, "micro-batch size"),
+    _Suffix("penalty_micro_batches", re.compile(r"-sub="), _INTEGER_RE, _read_count, lambda v: f"-sub={v}",
+            PENALIZED, "penalized micro-batch count"),
 )
 
 
@@ -96,7 +109,7 @@ def parse_method(name: str) -> MethodSpec:
         i = next((j for j, s in enumerate(_SUFFIXES) if s.prefix.match(name, pos)), None)
         if i is None:
             raise ValueError(f"cannot read {name[pos:]!r} in method {name!r}: expected {GRAMMAR}, "
-                             "e.g. 'GN@λ=0.03-|M|=1024'")
+                             "e.g. 'GN@λ=0.03-|M|=1024' or 'GN-|M|=256-sub=2'")
         if i < first_allowed:
             raise ValueError(f"cannot read {name!r}: each variant suffix comes at most once, in the order of "
                              f"{GRAMMAR}")
@@ -171,6 +184,8 @@ def cost_kind(spec: MethodSpec, hp: Mapping[str, Any]) -> tuple[str, int, int]:
     """What a run's duration depends on (for --time-budget estimates): the kind of step and its sizes.
     λ does not change the cost, so λ variants share their base's kind."""
     step = spec.base if spec.base in PENALIZED or spec.base == "SB" else "first-order"
+    if spec.penalty_micro_batches is not None:  # the penalty on m of the k micro-batches: another cost
+        step += f"-sub={spec.penalty_micro_batches}"
     return step, int(hp["batch_size"]), int(hp["micro_batch_size"])
 
 
@@ -189,9 +204,10 @@ def build_optimizer(spec: MethodSpec, model: nn.Module, hp: Mapping[str, Any], c
     micro = dict(micro_batch_size=hp["micro_batch_size"])
     if spec.base == "LB":
         return regopt.MicroBatchSGD(params, **common, **micro)
-    penalized = dict(penalty=hp["penalty"], method=config["grad_method"], **micro)
-    if spec.base == "GN":
-        return regopt.GradNormSGD(params, **common, **penalized)
+    penalized = dict(penalty=hp["penalty"], method=config["grad_method"],
+                     penalty_micro_batches=spec.penalty_micro_batches, **micro)
+    if spec.base == "GN":  # the generator draws GN's subsets (-sub=m); without them GN draws nothing
+        return regopt.GradNormSGD(params, **common, generator=generator, **penalized)
     if spec.base == "FT":
         return regopt.FisherTraceSGD(params, **common, generator=generator, **penalized)
     if spec.base in ("AJ", "UJ"):

@@ -127,3 +127,69 @@ def test_lambda_variants_run_side_by_side(tmp_path):
     assert config["grad_method"] == "exact" and config["data_source"] == source and source
     assert f"Data source: {source}." in summary
     assert all(math.isfinite(r["test_acc"]) for r in runs.values())
+
+
+# -- the subsampled-penalty suffix (-sub=m) -----------------------------------------------------------
+@pytest.mark.parametrize("name, expected", [
+    ("GN-sub=1", MethodSpec("GN-sub=1", "GN", penalty_micro_batches=1)),
+    ("GN@λ=0.03-sub=1", MethodSpec("GN@λ=0.03-sub=1", "GN", None, 0.03, 1)),
+    ("GN-|M|=256-sub=2", MethodSpec("GN-|M|=256-sub=2", "GN", 256, None, 2)),
+    ("FT@lambda=3e-2-|M|=64-sub=02", MethodSpec("FT@λ=0.03-|M|=64-sub=2", "FT", 64, 0.03, 2)),
+    ("UJ-sub=8", MethodSpec("UJ-sub=8", "UJ", penalty_micro_batches=8)),
+])
+def test_subsampled_names_parse_in_grammar_order(name, expected):
+    spec = parse_method(name)
+    assert spec == expected and parse_method(spec.name) == spec
+
+
+@pytest.mark.parametrize("name, message", [
+    ("GN-sub=", "invalid penalized micro-batch count"),
+    ("GN-sub=0", "integer >= 1"),
+    ("GN-sub=-1", "invalid penalized micro-batch count"),
+    ("GN-sub=1.5", "cannot read '.5'"),
+    ("LB-sub=1", "applies only to GN, FT, AJ, UJ, not LB"),
+    ("GRAFT-iter-sub=2", "not GRAFT-iter"),
+    ("GN-sub=1-|M|=64", "in the order of BASE[@λ=VALUE][-|M|=SIZE][-sub=COUNT]"),
+    ("GN-sub=1@λ=0.1", "in the order of"),
+    ("GN-sub=1-sub=2", "at most once"),
+])
+def test_malformed_subsampled_names_say_what_is_wrong(name, message):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("|", r"\|")):
+        parse_method(name)
+
+
+def test_subsampled_variants_look_up_their_base_and_cost_apart():
+    spec = parse_method("GN@λ=0.03-|M|=64-sub=2")
+    keys = methods.lookup_keys(spec)
+    assert keys[0] == "GN@λ=0.03-|M|=64-sub=2" and keys[-2:] == ["GN", "default"] and "GN@λ=0.03-|M|=64" in keys
+    hp = {"batch_size": 256, "micro_batch_size": 64}
+    assert methods.cost_kind(spec, hp) == ("GN-sub=2", 256, 64)
+    assert methods.cost_kind(parse_method("GN@λ=0.03"), hp)[0] == "GN"
+    assert methods.safe_name("GN-|M|=64-sub=2") == "GN-M=64-sub=2"
+
+
+def test_subsampled_variants_build_optimizers_with_penalty_micro_batches():
+    config = _config("--methods", "GN-sub=1", "FT-sub=2")
+    model = torch.nn.Linear(3, 2)
+    for name, cls, m in (("GN-sub=1", "GradNormSGD", 1), ("FT-sub=2", "FisherTraceSGD", 2)):
+        spec = parse_method(name)
+        generator = torch.Generator()
+        opt = methods.build_optimizer(spec, model, config["resolved"][name], config, generator, None)
+        assert type(opt).__name__ == cls and opt.penalty_micro_batches == m and opt.generator is generator
+    opt = methods.build_optimizer(parse_method("GN"), model, config["resolved"]["GN-sub=1"], config, None, None)
+    assert opt.penalty_micro_batches is None
+
+
+def test_subsampled_variants_run_side_by_side(tmp_path):
+    """With k = 16/4 = 4 micro-batches, GN-sub=4 is GN step for step (m >= k); GN-sub=1 is its own run."""
+    out = tmp_path / "sub"
+    reproduce.main([*TINY, "--steps", "4", "--methods", "GN", "GN-sub=4", "GN-sub=1", "--penalty", "GN=0.5",
+                    "--out", str(out)])
+    runs = {r["method"]: r for r in json.loads((out / "runs.json").read_text())}
+    assert list(runs) == ["GN", "GN-sub=4", "GN-sub=1"]
+    rows = {m: torch.load(out / "checkpoints" / f"seed0_{methods.safe_name(m)}.pt", weights_only=False)["rows"]
+            for m in runs}
+    losses = {m: [r["train_loss"] for r in rs] for m, rs in rows.items()}
+    assert losses["GN"] == losses["GN-sub=4"] and len(losses["GN"]) == 2
+    assert losses["GN-sub=1"] != losses["GN"]
+    assert all(math.isfinite(r["test_acc"]) for r in runs.values())
