@@ -4,8 +4,10 @@ Two process groups are spawned for the whole module (gloo on 127.0.0.1, CPU, flo
 ranks with equal shards and three ranks with unequal ones. Each worker runs every scenario
 and writes plain numbers back; the tests below compare them. Every rank also computes the
 single-process reference itself (``process_group=None`` on the full batch), so nothing but
-the numbers crosses processes. Collectives time out after ``COLLECTIVE_TIMEOUT_S`` and a
-whole spawn after ``SPAWN_TIMEOUT_S``, so a broken step fails instead of hanging.
+the numbers crosses processes. ``dist_support.launch`` spawns the ranks: a collective times out
+after ``dist_support.COLLECTIVE_TIMEOUT_S`` (reported as that scenario's error) and a launch in
+which a rank reports no progress for ``dist_support.STALL_TIMEOUT_S`` fails, so a broken step
+fails instead of hanging, while a machine busy with other jobs only makes the launch slower.
 
 Micro-batch partitions: a single process splits the concatenated batch into consecutive
 micro-batches; the ranks split their own shards. The two agree when every shard but the
@@ -24,10 +26,6 @@ from the state recorded at its first example, so the draws, hence the steps, are
 from __future__ import annotations
 
 import copy
-import datetime
-import os
-import pickle
-import socket
 import time
 import traceback
 from collections import Counter
@@ -42,66 +40,18 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import dist_support
+from dist_support import launch, report
 from regopt import FisherTraceSGD, GradNormSGD, GraftedSGD, JacobianRegSGD, MicroBatchSGD
 from regopt import distributed as regopt_distributed
 from regopt.engine import Accumulation
 
-COLLECTIVE_TIMEOUT_S = 30
-SPAWN_TIMEOUT_S = 150
 TOL = dict(rtol=1e-10, atol=1e-10)
 LR = 0.1
 SEED = 123
 
 # --------------------------------------------------------------------------------------------------
-# launching: one spawn of `world_size` gloo ranks, results pickled to files, a hard timeout
-
-
-def _loopback_interface() -> str | None:
-    try:
-        names = [name for _, name in socket.if_nameindex()]
-    except (OSError, AttributeError):
-        return None
-    return next((name for name in names if name.startswith("lo")), None)
-
-
-def _entry(rank: int, world_size: int, worker: Callable[[int, int], dict], init_file: str, out_dir: str) -> None:
-    interface = _loopback_interface()
-    if interface is not None:
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", interface)  # gloo on 127.0.0.1 only
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
-    try:
-        result = worker(rank, world_size)
-    finally:
-        dist.destroy_process_group()
-    with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
-        pickle.dump(result, f)
-    # Leave without running C++ destructors: under load, tearing down gloo/DDP threads at interpreter
-    # exit sometimes aborted ("terminate called without an active exception") after the results were written.
-    os._exit(0)
-
-
-def launch(worker: Callable[[int, int], dict], world_size: int, tmp_dir: Any) -> list[dict]:
-    """Run ``worker(rank, world_size)`` on ``world_size`` spawned gloo ranks; return each rank's result."""
-    init_file, out_dir = str(tmp_dir / "init"), str(tmp_dir)
-    context = mp.start_processes(_entry, args=(world_size, worker, init_file, out_dir), nprocs=world_size,
-                                 join=False, start_method="spawn")
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    try:
-        while not context.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{world_size} ranks did not finish within {SPAWN_TIMEOUT_S} s")
-    finally:
-        for process in context.processes:  # only the processes this call started
-            if process.is_alive():
-                process.kill()
-                process.join()
-    results = []
-    for rank in range(world_size):
-        with open(os.path.join(out_dir, f"rank{rank}.pkl"), "rb") as f:
-            results.append(pickle.load(f))
-    return results
+# running scenarios inside a rank (launching: dist_support.launch)
 
 
 def scenarios(rank: int, named: dict[str, Callable[[], Any]]) -> dict[str, Any]:
@@ -110,8 +60,10 @@ def scenarios(rank: int, named: dict[str, Callable[[], Any]]) -> dict[str, Any]:
     for name, scenario in named.items():
         try:
             results[name] = scenario()
+            report(f"scenario {name}: done")
         except Exception:  # reported by the test that reads this scenario
             results[name] = {"error": f"rank {rank}: {traceback.format_exc()}"}
+            report(f"scenario {name}: raised")
     return results
 
 
@@ -573,3 +525,58 @@ def test_ddp_guard_is_a_no_op_without_a_process_group() -> None:
         assert len(nn.modules.module._global_forward_pre_hooks) == hooks
         model(make_batch(2)[0])
     assert regopt_distributed.default_process_group() is None
+
+
+# --------------------------------------------------------------------------------------------------
+# the launcher's watchdog, with a stand-in for torch.multiprocessing's spawn context (no processes)
+
+
+class FakeRanks:
+    """A spawn context of two live ranks that exit after ``polls`` joins; ``progressing`` ranks report at each."""
+
+    def __init__(self, out_dir: Any, polls: int, progressing: tuple[int, ...], fail: Exception | None = None) -> None:
+        self.out_dir, self.polls, self.progressing, self.fail, self.calls = out_dir, polls, progressing, fail, 0
+        self.processes = [self, self]
+
+    def is_alive(self) -> bool:
+        return self.calls < self.polls
+
+    def join(self, timeout: float) -> bool:
+        self.calls += 1
+        if self.fail is not None:
+            raise self.fail
+        time.sleep(timeout)
+        for rank in self.progressing:
+            with open(self.out_dir / f"rank{rank}.progress", "a") as f:
+                f.write(f"{time.monotonic():.1f} scenario {self.calls}: done\n")
+        return not self.is_alive()
+
+
+def test_launcher_fails_a_stalled_rank_and_says_where_each_rank_was(tmp_path: Any) -> None:
+    """Rank 0 stops after its first scenario while rank 1 keeps reporting: rank 0 is a hang."""
+    (tmp_path / "rank0.progress").write_text("1.0 imported\n1.1 all ranks ready\n1.2 scenario equal/LB: done\n")
+    start = time.monotonic()
+    with pytest.raises(dist_support.LaunchError, match=r"rank\(s\) \[0\] reported no progress for 0.1 s") as info:
+        dist_support.join_ranks(FakeRanks(tmp_path, polls=40, progressing=(1,)), tmp_path, 2, stall_timeout_s=0.1)
+    assert 0.1 < time.monotonic() - start < 20
+    message = str(info.value)
+    assert "rank 0 (3 progress lines" in message and "scenario equal/LB: done" in message
+    assert "rank 1 (" in message
+
+
+def test_launcher_waits_as_long_as_every_rank_progresses(tmp_path: Any) -> None:
+    """A slow launch (a loaded machine) whose ranks keep reporting runs to its end, past the stall timeout."""
+    ranks = FakeRanks(tmp_path, polls=5, progressing=(0, 1))
+    start = time.monotonic()
+    dist_support.join_ranks(ranks, tmp_path, 2, stall_timeout_s=0.1)
+    assert ranks.calls == 5 and time.monotonic() - start > 3 * 0.1
+
+
+def test_launcher_reports_a_failed_rank_with_every_ranks_progress(tmp_path: Any) -> None:
+    (tmp_path / "rank1.progress").write_text("1.0 imported\n")
+    failure = mp.ProcessExitedException("process 1 terminated with signal SIGABRT", 1, 4321, -6, "SIGABRT")
+    with pytest.raises(dist_support.LaunchError, match="SIGABRT") as info:
+        dist_support.join_ranks(FakeRanks(tmp_path, polls=1, progressing=(), fail=failure), tmp_path, 2)
+    message = str(info.value)
+    assert "rank 0: no progress yet" in message and "rank 1 (1 progress lines" in message and "1.0 imported" in message
+    assert info.value.__cause__ is failure
