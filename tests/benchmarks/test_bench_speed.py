@@ -85,3 +85,16 @@ def test_resident_bytes_counts_each_storage_of_the_row_once():
     expected += batch[0].numel() * 4 + batch[1].numel() * 8
     assert speed.resident_bytes(row, batch, cpu) == expected
     assert speed.resident_bytes(row, batch, torch.device("cuda")) == 0  # only the given device's tensors count
+
+
+def test_default_run_times_the_subsampled_penalty_at_one_and_a_quarter_of_the_micro_batches():
+    args = speed.parse_args([])  # B = 256, |M| = 32: k = 8
+    assert speed.subsample_sizes(args) == [1, 2]
+    rows = speed.row_builders(args)
+    for name in ("GN", "FT"):
+        for method in ("exact", "finite_difference"):
+            assert {f"{name}-{method}-sub=1", f"{name}-{method}-sub=2"} <= rows.keys()
+    assert speed.subsample_sizes(speed.parse_args(["--batch", "8", "--micro", "4"])) == [1]  # k = 2: k/4 = 0
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    optimizer, _ = rows["GN-exact-sub=1"](model, model)
+    assert optimizer.penalty_micro_batches == 1
