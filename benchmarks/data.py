@@ -22,8 +22,9 @@ looked for, in order, in ``--data-root`` (``root``) when given, in ``$REGOPT_DAT
 ``/usr/share/datasets/fashion-mnist`` (Debian's ``dataset-fashion-mnist`` package) and in
 torchvision's default root ``./data`` (``<root>/FashionMNIST/raw``). CIFAR is read from
 torchvision's folder layout (``<root>/cifar-10-batches-py``, ``<root>/cifar-100-python``)
-under ``--data-root``, ``$REGOPT_DATA`` or ``./data``: the pickles are loaded here directly,
-so no checksum is computed and small hand-made files in the same format load too. Nothing is
+under ``--data-root``, ``$REGOPT_DATA`` or ``./data``: each pickle is unpickled here only after
+its MD5 matches the sum torchvision publishes for it (``CIFAR_MD5``), so a file planted in a
+user-chosen folder cannot run code (``DatasetIntegrityError`` otherwise). Nothing is
 downloaded unless ``download=True``, which goes through torchvision. ``DataSplits.source``
 says in words where the data came from.
 """
@@ -31,6 +32,7 @@ says in words where the data came from.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 import pickle
 import struct
@@ -64,10 +66,31 @@ NORMALIZATION = {
 }
 CIFAR_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
 _CIFAR_TITLES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
+# The published MD5 of every CIFAR pickle read here: a copy of the sums in torchvision.datasets.CIFAR10 and
+# CIFAR100 (train_list + test_list), which torchvision checks its downloads against; a test checks the copy
+# against torchvision's. A copy, not an import, so that reading CIFAR needs torchvision only to download it.
+CIFAR_MD5 = {
+    "cifar10": {
+        "data_batch_1": "c99cafc152244af753f735de768cd75f",
+        "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+        "data_batch_3": "54ebc095f3ab1f0389bbae665268c751",
+        "data_batch_4": "634d18415352ddfa80567beed471001a",
+        "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
+        "test_batch": "40351d587109b95175f43aff81a1287e",
+    },
+    "cifar100": {
+        "train": "16019d7e3df5f24257cddd939b257f8d",
+        "test": "f0ef6b0ae62326f3e7ffdfab6717acfc",
+    },
+}
 
 
 class DatasetNotFoundError(FileNotFoundError):
     """The data set is not on this machine; the message says where we looked and how to get it."""
+
+
+class DatasetIntegrityError(ValueError):
+    """A data file whose checksum is not the published one: it was not unpickled."""
 
 
 # -- splits on the device -------------------------------------------------------------------
@@ -444,11 +467,28 @@ def _cifar_files(name: str) -> tuple[list[str], list[str], str]:
     return ["train"], ["test"], "fine_labels"
 
 
-def _load_cifar_pickles(folder: Path, names: list[str], label_key: str) -> tuple[Tensor, Tensor]:
+def _verified_cifar_bytes(dataset: str, path: Path) -> bytes:
+    """The bytes of CIFAR pickle ``path`` once their MD5 is the published one, else DatasetIntegrityError.
+
+    The bytes checked are the bytes unpickled (read once), so the file cannot change in between."""
+    raw = path.read_bytes()
+    expected = CIFAR_MD5[dataset][path.name]
+    actual = hashlib.md5(raw, usedforsecurity=False).hexdigest()
+    if actual != expected:
+        tv = "CIFAR10" if dataset == "cifar10" else "CIFAR100"
+        raise DatasetIntegrityError(
+            f"{path}: MD5 {actual} does not match the published {expected} (torchvision.datasets.{tv}); "
+            "the file is damaged or not the official one, and was not unpickled (a pickle can run code). "
+            f"Fix: delete {path.parent} and rerun with --download, or point --data-root at the official files."
+        )
+    return raw
+
+
+def _load_cifar_pickles(dataset: str, folder: Path, names: list[str],
+                        label_key: str) -> tuple[Tensor, Tensor]:
     images, labels = [], []
     for name in names:
-        with open(folder / name, "rb") as f:
-            entry = pickle.load(f, encoding="latin1")
+        entry = pickle.loads(_verified_cifar_bytes(dataset, folder / name), encoding="latin1")
         images.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
         labels.extend(entry[label_key])
     return torch.from_numpy(np.concatenate(images)), torch.tensor(labels, dtype=torch.int64)
@@ -493,8 +533,8 @@ def load_cifar(name: str, root: str | Path | None = None, download: bool = False
         folder = find_cifar(name, target)
         source = f"{_CIFAR_TITLES[name]} downloaded by torchvision to {folder}"
     train_files, test_files, label_key = _cifar_files(name)
-    images, labels = _load_cifar_pickles(folder, train_files, label_key)
-    test_images, test_labels = _load_cifar_pickles(folder, test_files, label_key)
+    images, labels = _load_cifar_pickles(name, folder, train_files, label_key)
+    test_images, test_labels = _load_cifar_pickles(name, folder, test_files, label_key)
     train, heldout = _split_train(images, labels, train_size, heldout_size)
     mean, std = NORMALIZATION[name]
     return DataSplits(

@@ -381,7 +381,7 @@ def checkpoints_cached(args: argparse.Namespace, data: data_lib.DataSplits,
                momentum=args.momentum, batch_size=args.batch_size,
                micro_batch_size=args.micro_batch_size, torch=torch.__version__)
     if args.cache and Path(args.cache).is_file():
-        cached = torch.load(args.cache, weights_only=False)
+        cached = torch.load(args.cache, weights_only=True)  # state dicts, numbers and strings only
         if cached.get("key") == key:
             log(f"checkpoints from {args.cache}")
             return cached["checkpoints"]

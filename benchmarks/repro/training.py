@@ -11,6 +11,8 @@ numbers in any process: serially, in a --jobs worker, or resumed from its checkp
 from __future__ import annotations
 
 import math
+import pickle
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +34,12 @@ from .progress import NoProgress, RunProgress
 
 class Interrupted(RuntimeError):
     """Raised by the --interrupt-after test hook, as if the process had been killed."""
+
+
+class UnsafeCheckpointError(pickle.UnpicklingError):
+    """A checkpoint file that ``torch.load(..., weights_only=True)`` refuses: it needs more than tensors,
+    dicts, lists, tuples, numbers, strings, bools and None, so this script did not write it, and unpickling
+    it in full could run arbitrary code."""
 
 
 @dataclass
@@ -112,16 +120,35 @@ def _save_atomic(obj: Any, path: Path) -> None:
     tmp.replace(path)
 
 
+def load_checkpoint(path: Path) -> dict:
+    """A checkpoint this script wrote, unpickled with ``weights_only=True``: only tensors and plain containers
+    and scalars come back, so a checkpoint folder from someone else cannot run code; anything else is refused
+    with :class:`UnsafeCheckpointError`, without running any of its code."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        # torch's own message goes on to suggest ways to load it anyway: keep only the reason it gives.
+        reason = re.search(r"WeightsUnpickler error: ([^\n]*?)(\.\s|$)", str(err))
+        raise UnsafeCheckpointError(
+            f"{path}: refused to load: not a checkpoint this script wrote (it needs objects other than "
+            "tensors, dicts, lists, numbers and strings, and unpickling those may run arbitrary code"
+            f"{': ' + reason.group(1).strip() if reason else ''}). Delete the file to rerun that run from "
+            "scratch, or resume only from checkpoint folders you trust."
+        ) from None
+
+
 def load_finished(out: Path | None, seed: int, spec: MethodSpec) -> RunOutput | None:
     """The output of a run that finished in an earlier session (its final checkpoint), or None."""
     path = checkpoint_path(out, seed, spec)
     if path is None or not path.exists():
         return None
-    ck = torch.load(path, map_location="cpu", weights_only=False)
+    ck = load_checkpoint(path)
     return RunOutput(ck["rows"], ck["result"], ck.get("sb_norms")) if ck.get("done") else None
 
 
 def _save_checkpoint(run: _Run, path: Path) -> None:
+    # Only tensors (generator states are ByteTensors), plain containers and scalars, so that
+    # load_checkpoint can read it back with weights_only=True: no dataclasses, no numpy arrays.
     _save_atomic({
         "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(), "sampler": run.sampler.state_dict(),
         "aug_gen": run.aug_gen.get_state(), "generator": run.generator.get_state(), "rows": run.rows,
@@ -264,7 +291,7 @@ def train_run(ctx: RunContext, spec: MethodSpec, seed: int, sb_norms: Sequence[f
     path = checkpoint_path(ctx.out, seed, spec)
     run = _build(ctx, spec, seed, sb_norms)
     if path is not None and path.exists():
-        _restore(run, torch.load(path, map_location="cpu", weights_only=False), ctx.device)
+        _restore(run, load_checkpoint(path), ctx.device)
     writes = path is not None and ctx.dist.is_main
     progress = ctx.progress(spec, seed, run.step, steps) if ctx.progress and ctx.dist.is_main else NoProgress()
     run.restart_clock()  # a restored run's wall time counts on from here

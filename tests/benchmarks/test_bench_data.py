@@ -12,7 +12,7 @@ import zlib
 import numpy as np
 import pytest
 import torch
-from conftest import make_fake_cifar, make_fake_fashion_mnist
+from conftest import make_fake_cifar, make_fake_fashion_mnist, trust_fake_cifar
 
 from benchmarks import data as data_lib
 from benchmarks import make_fashion_mnist_subset as make_subset
@@ -134,6 +134,7 @@ def test_split_sizes_checked(monkeypatch, tmp_path, no_system_data):
 def test_cifar_pickles(tmp_path, monkeypatch, name):
     monkeypatch.delenv("REGOPT_DATA", raising=False)
     train, train_labels, test, test_labels = make_fake_cifar(tmp_path, name, per_batch=6 if name == "cifar10" else 30)
+    trust_fake_cifar(monkeypatch, tmp_path, name)
     splits = data_lib.load(name, root=tmp_path, train_size=20, heldout_size=10)
     assert splits.num_classes == (10 if name == "cifar10" else 100) and splits.augment
     assert splits.train.images.shape == (20, 3, 32, 32) and splits.heldout.images.shape == (10, 3, 32, 32)
@@ -152,6 +153,7 @@ def test_cifar_layout_matches_torchvision(tmp_path, monkeypatch):
     torchvision = pytest.importorskip("torchvision")
     monkeypatch.delenv("REGOPT_DATA", raising=False)
     make_fake_cifar(tmp_path, "cifar10")
+    trust_fake_cifar(monkeypatch, tmp_path, "cifar10")
     monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *args, **kwargs: True)
     reference = torchvision.datasets.CIFAR10(str(tmp_path), train=True)
     splits = data_lib.load("cifar10", root=tmp_path, train_size=20, heldout_size=10)
@@ -165,10 +167,12 @@ def test_cifar_lookup_order_and_source(tmp_path, monkeypatch):
     _, labels_env, _, _ = make_fake_cifar(tmp_path / "env", seed=2)
     monkeypatch.setenv("REGOPT_DATA", str(tmp_path / "env"))
     monkeypatch.setattr(data_lib, "DEFAULT_ROOT", tmp_path / "no-root")
+    trust_fake_cifar(monkeypatch, tmp_path / "given")  # two fake copies: trust each before its load
     splits = data_lib.load("cifar10", root=tmp_path / "given", train_size=20, heldout_size=10)
     folder = tmp_path / "given" / "cifar-10-batches-py"
     assert splits.train.labels.tolist() == labels_given[:20].tolist()
     assert splits.source == f"CIFAR-10 from {folder} (--data-root {tmp_path / 'given'})"
+    trust_fake_cifar(monkeypatch, tmp_path / "env")
     splits = data_lib.load("cifar10", train_size=20, heldout_size=10)
     assert splits.train.labels.tolist() == labels_env[:20].tolist()
     folder = tmp_path / "env" / "cifar-10-batches-py"

@@ -28,7 +28,7 @@ def _finished(out):
         path = out / "checkpoints" / f"seed{seed}_{methods.safe_name(method)}.pt"
         if not path.exists():
             continue
-        ck = torch.load(path, weights_only=False)
+        ck = torch.load(path, weights_only=True)
         if ck.get("done"):
             rows = [{k: v for k, v in r.items() if k != "wall_s"} for r in ck["rows"]]
             result = {k: v for k, v in ck["result"].items() if k != "wall_s"}

@@ -115,7 +115,7 @@ def test_lambda_variants_run_side_by_side(tmp_path):
     runs = {r["method"]: r for r in json.loads((out / "runs.json").read_text())}
     assert list(runs) == ["LB", "GN", "GN@λ=0.0", "GN@λ=0.5"]
     assert runs["GN"]["penalty"] == 0.0 and runs["GN@λ=0.5"]["penalty"] == 0.5
-    rows = {m: torch.load(out / "checkpoints" / f"seed0_{methods.safe_name(m)}.pt", weights_only=False)["rows"]
+    rows = {m: torch.load(out / "checkpoints" / f"seed0_{methods.safe_name(m)}.pt", weights_only=True)["rows"]
             for m in runs}
     losses = {m: [r["train_loss"] for r in rs] for m, rs in rows.items()}
     assert losses["LB"] == losses["GN"] == losses["GN@λ=0.0"] and len(losses["LB"]) == 2
@@ -187,7 +187,7 @@ def test_subsampled_variants_run_side_by_side(tmp_path):
                     "--out", str(out)])
     runs = {r["method"]: r for r in json.loads((out / "runs.json").read_text())}
     assert list(runs) == ["GN", "GN-sub=4", "GN-sub=1"]
-    rows = {m: torch.load(out / "checkpoints" / f"seed0_{methods.safe_name(m)}.pt", weights_only=False)["rows"]
+    rows = {m: torch.load(out / "checkpoints" / f"seed0_{methods.safe_name(m)}.pt", weights_only=True)["rows"]
             for m in runs}
     losses = {m: [r["train_loss"] for r in rs] for m, rs in rows.items()}
     assert losses["GN"] == losses["GN-sub=4"] and len(losses["GN"]) == 2

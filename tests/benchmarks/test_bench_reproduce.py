@@ -134,10 +134,11 @@ def test_bn_recalibration_reproduces_population_statistics():
 
 def test_cifar_resnet18_end_to_end_on_fake_files(tmp_path, monkeypatch):
     """The CIFAR path: torchvision-format pickles, on-device crop+flip, ResNet-18, paper-preset plumbing."""
-    from conftest import make_fake_cifar
+    from conftest import make_fake_cifar, trust_fake_cifar
 
     monkeypatch.delenv("REGOPT_DATA", raising=False)
     make_fake_cifar(tmp_path / "data", "cifar10", per_batch=6)
+    trust_fake_cifar(monkeypatch, tmp_path / "data")
     out = tmp_path / "cifar"
     reproduce.main(["--preset", "cifar10-resnet18", "--data-root", str(tmp_path / "data"), "--train-size", "16",
                     "--heldout-size", "8", "--batch-size", "8", "--micro-batch-size", "4", "--steps", "1",
