@@ -44,7 +44,9 @@ class Accumulation:
     ``terms[j] = (L_j, R_j, ‖g_j‖², ‖∇R_j‖²)`` per micro-batch, kept for the finiteness check;
     ``sums = (Σ w L, Σ w R, Σ w ‖g‖², Σ_j ‖g_j‖, k)`` as one float tensor.
     ``used[i]``: whether any micro-batch's graph reached parameter i (None: all of them);
-    ``used_count`` replaces it after a distributed all-reduce: on how many ranks it was used.
+    ``used_count`` replaces it after a distributed all-reduce: on how many ranks it was used;
+    ``peer_failure`` = (number of ranks that failed before the all-reduce, Σ of their ranks, Σ of their
+    :data:`FAILURE_KINDS` codes), also filled by the all-reduce (zeros when every rank got there cleanly).
     """
 
     grad: list[Tensor]
@@ -53,6 +55,7 @@ class Accumulation:
     sums: Tensor
     used: list[bool] | None = None
     used_count: Tensor | None = None
+    peer_failure: Tensor | None = None
 
     @property
     def loss(self) -> Tensor:
@@ -72,8 +75,29 @@ class Accumulation:
         return self.sums[3] / self.sums[4]
 
     def reduced(self, grad: list[Tensor], penalty_grad: list[Tensor] | None, sums: Tensor,
-                used_count: Tensor | None = None) -> "Accumulation":
-        return replace(self, grad=grad, penalty_grad=penalty_grad, sums=sums, used_count=used_count)
+                used_count: Tensor | None = None, peer_failure: Tensor | None = None) -> "Accumulation":
+        return replace(self, grad=grad, penalty_grad=penalty_grad, sums=sums, used_count=used_count,
+                       peer_failure=peer_failure)
+
+
+# Why a rank failed before a distributed step's all-reduce (the code it sends in its poisoned buffer).
+FAILURE_SHARD = 1
+FAILURE_EXCEPTION = 2
+FAILURE_KINDS = {
+    FAILURE_SHARD: "its shard of the batch is malformed or empty",
+    FAILURE_EXCEPTION: "it raised an exception before the all-reduce (in its closure or micro-batch loop)",
+}
+
+
+def peer_failure_message(failed: int, rank_sum: int, kind_sum: int) -> str:
+    """What the ranks that did not fail say about the ``failed`` ranks that did (counts from the all-reduce)."""
+    if failed == 1:
+        who, why = f"another rank (rank {rank_sum})", FAILURE_KINDS.get(kind_sum, f"failure code {kind_sum}")
+    else:
+        kinds = [text for code, text in FAILURE_KINDS.items() if kind_sum == failed * code]
+        who, why = f"{failed} other ranks", kinds[0] if kinds else "; ".join(FAILURE_KINDS.values())
+    return (f"{who} failed before the step's all-reduce: {why}. That rank raised its own error; "
+            "the step was not taken on any rank")
 
 
 def _weighted_add(total: list[Tensor] | None, term: list[Tensor], weight: float) -> list[Tensor]:
@@ -262,7 +286,9 @@ def settle(acc: Accumulation, micro_batches: Sequence[MicroBatch],
 
     Checks this process's per-micro-batch terms, then the (possibly all-reduced) sums and
     the 0-dim ``step_terms`` given by name (the large-batch gradient norm ‖G‖). After an
-    all-reduce the usage counts travel to the host in the same transfer as the check.
+    all-reduce the usage counts and the failure counts travel to the host in the same transfer as the
+    check, and a rank that failed before the all-reduce (``acc.peer_failure``) makes this raise
+    FloatingPointError (:func:`peer_failure_message`), whatever the skip settings: that rank raised.
     """
     finite = torch.isfinite(acc.terms)
     named = torch.stack([acc.sums.isfinite().all()] + [t.isfinite() for t in step_terms.values()])
@@ -270,8 +296,11 @@ def settle(acc: Accumulation, micro_batches: Sequence[MicroBatch],
     if acc.used_count is None:
         ok, used = bool(all_finite), acc.used if acc.used is not None else [True] * len(acc.grad)
     else:
-        on_host = torch.cat([all_finite.to(acc.used_count.dtype).reshape(1), acc.used_count]).tolist()
-        ok, used = on_host[0] == 1, [count > 0 for count in on_host[1:]]
+        failure = acc.peer_failure if acc.peer_failure is not None else acc.used_count.new_zeros(3)
+        on_host = torch.cat([all_finite.to(acc.used_count.dtype).reshape(1), failure, acc.used_count]).tolist()
+        if on_host[1] > 0:
+            raise FloatingPointError(peer_failure_message(*(int(v) for v in on_host[1:4])))
+        ok, used = on_host[0] == 1, [count > 0 for count in on_host[4:]]
     if ok:
         return None, used
     return _describe_nonfinite(acc, micro_batches, finite, named, step_terms), used

@@ -12,6 +12,7 @@ optimizer's scalar S_j (see :mod:`regopt.penalties`).
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from collections.abc import Callable
 from numbers import Real
 from typing import Any
@@ -20,7 +21,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from . import distributed, hvp, penalties
+from . import distributed, engine, hvp, penalties
 from .batching import Batch, autocast_state, check_micro_batch_size, split_batch
 from .engine import Accumulation, accumulate, settle
 from .penalties import Penalty
@@ -225,39 +226,46 @@ class MicroBatchSGD(torch.optim.SGD):
                 "where closure(*micro_batch) returns the mean loss over the micro-batch"
             )
         group = self.process_group  # resolved now: the world group at step time
-        # Distributed steps weight by |M_j| here and divide by the global size after the all-reduce.
-        micro_batches = split_batch(batch, self.micro_batch_size, total_size=1 if group is not None else None)
         params = self._trainable_params()
         device = params[0].device
         closure_autocast = autocast_state(device)
-        self._prepare_step(params, closure_autocast)
         transaction = StepTransaction(params, self.generator)
         # Only the closure runs under the caller's autocast: norms, penalties and the update use full precision.
         with torch.autocast(device.type, enabled=False):
-            return self._step(closure, micro_batches, params, group, transaction, closure_autocast)
+            return self._step(closure, batch, params, group, transaction, closure_autocast)
 
-    def _step(self, closure, micro_batches, params, group, transaction, closure_autocast) -> Tensor:
+    def _step(self, closure, batch, params, group, transaction, closure_autocast) -> Tensor:
         reduced = False  # whether this rank has taken part in the step's all-reduce
+        failure = engine.FAILURE_SHARD  # what this rank tells the others if it fails before the all-reduce
         try:
+            # Distributed steps weight by |M_j| here and divide by the global size after the all-reduce.
+            micro_batches = split_batch(batch, self.micro_batch_size, total_size=1 if group is not None else None)
+            failure = engine.FAILURE_EXCEPTION
+            self._prepare_step(params, closure_autocast)
+            generator = self._draw_generator(group)
             # the closure must call ddp_model.module, not ddp_model; every buffer a forward touches is recorded
             with distributed.ddp_forward_guard(), transaction.buffers.recording():
-                acc = accumulate(closure, micro_batches, params, self._penalty, self.method, self.generator,
+                acc = accumulate(closure, micro_batches, params, self._penalty, self.method, generator,
                                  self.fd_eps, closure_autocast, self.current_loss_scale,
                                  self.penalty_micro_batches)
             if transaction.grads_were_written():
                 raise TypeError(CLOSURE_CALLED_BACKWARD)
+            combined = group is not None and self._penalty is not None and not self._wire_penalty_grad()
+            if combined:  # G ± λP travels alone: ‖G‖ is not measured (see _PenalizedSGD's exact_grad_norm)
+                acc = replace(acc, grad=self._add_penalty(acc.grad, acc.penalty_grad, params), penalty_grad=None)
             if group is not None:
                 reduced = True
                 acc = distributed.all_reduce_accumulation(acc, micro_batches[-1].stop, group)
             grad_norm = hvp.squared_norm(acc.grad).sqrt()
-            problem, used = settle(acc, micro_batches, **{"large-batch gradient norm ‖G‖": grad_norm})
+            norm_name = "applied gradient norm ‖G ± λP‖" if combined else "large-batch gradient norm ‖G‖"
+            problem, used = settle(acc, micro_batches, **{norm_name: grad_norm})
             if problem is not None and not (self.skip_nonfinite or self.loss_scale is not None):
                 raise FloatingPointError(f"{problem}; the step was not taken")
         except BaseException as error:
             called_backward = transaction.grads_were_written()
             transaction.rollback()  # a failed step changes nothing
             if group is not None and not reduced:  # don't leave the other ranks waiting in the all-reduce
-                distributed.join_failed_step(params, self._penalty is not None, group)
+                distributed.join_failed_step(params, self._wire_penalty_grad(), group, failure)
             if called_backward and isinstance(error, Exception) and not isinstance(error, TypeError):
                 raise TypeError(CLOSURE_CALLED_BACKWARD) from error
             raise
@@ -265,7 +273,7 @@ class MicroBatchSGD(torch.optim.SGD):
             loss=acc.loss,
             penalty=acc.penalty,
             micro_grad_sq_norm=acc.micro_grad_sq_norm,
-            grad_norm=grad_norm,
+            grad_norm=torch.full_like(grad_norm, math.nan) if combined else grad_norm,
             num_micro_batches=int(acc.sums[4]) if group is not None else len(micro_batches),
             skipped=problem is not None,
         )
@@ -291,6 +299,14 @@ class MicroBatchSGD(torch.optim.SGD):
 
     def _prepare_step(self, params: list[Tensor], closure_autocast: tuple[str, torch.dtype, bool]) -> None:
         """Check, before any work, what the step will need besides its batch (nothing here)."""
+
+    def _draw_generator(self, group: Any) -> torch.Generator | None:
+        """The generator this step's random draws come from: ``self.generator`` here (see _PenalizedSGD)."""
+        return self.generator
+
+    def _wire_penalty_grad(self) -> bool:
+        """Whether a distributed step all-reduces P = Σ_j w_j ∇R_j apart from G (penalized: by default)."""
+        return self._penalty is not None
 
     def _applied_gradient(self, acc: Accumulation, grad_norm: Tensor, params: list[Tensor]) -> list[Tensor]:
         """The gradient handed to SGD's update: G here."""
@@ -325,6 +341,20 @@ class _PenalizedSGD(MicroBatchSGD):
             costs about (1 + c·m/k) large-batch steps, c the penalty's extra cost. m ≥ k or None: every
             micro-batch (bit-identical to the full penalty). Distributed: m is per rank (each rank
             samples min(m, k_r) of its own k_r micro-batches with weight k_r / min(m, k_r)).
+        rank_independent_draws: distributed steps with a ``generator`` only. True (default): each
+            step, rank r draws from a generator seeded by a hash of (``generator``'s state, r), and
+            ``generator`` advances by one draw (:func:`regopt.distributed.rank_draw_generator`), so
+            ranks whose generators share a state (same seed) still draw independently, and a resumed
+            run (``state_dict()`` holds the state) draws the same numbers. False: each rank draws from
+            ``generator`` itself, so rank r reproduces a single-process run draw for draw when its
+            generator starts in the state that run reaches at rank r's first micro-batch. With
+            ``generator=None`` the global RNG is used as is, on every rank: seed it per rank
+            (``torch.manual_seed(seed + rank)``) for independent draws.
+        exact_grad_norm: distributed steps only. True (default): the all-reduce carries G and P apart,
+            2N values for N parameters, since ``stats.grad_norm`` = ‖G‖ = ‖Σ_r G_r‖ needs the global G.
+            False: each rank adds λP_r to G_r first and the all-reduce carries G ± λP alone (N values,
+            half the volume); the update is the same up to rounding, and ``stats.grad_norm`` is NaN
+            (not measured; the non-finite check uses ‖G ± λP‖). Single-process steps ignore it.
 
     With ``maximize=True`` the loss is ascended and the penalty still minimized: SGD(maximize=True)
     receives G − λP, so that without momentum θ ← θ + lr (G − λP).
@@ -334,7 +364,7 @@ class _PenalizedSGD(MicroBatchSGD):
                  weight_decay: float | Tensor = 0, nesterov: bool = False, *, micro_batch_size: int,
                  penalty: float, method: str = "exact", fd_eps: float = 1e-2,
                  generator: torch.Generator | None = None, penalty_micro_batches: int | None = None,
-                 **kwargs: Any) -> None:
+                 rank_independent_draws: bool = True, exact_grad_norm: bool = True, **kwargs: Any) -> None:
         check_hyperparameter(penalty, "penalty value")
         check_penalty_micro_batches(penalty_micro_batches)
         if method not in hvp.METHODS:
@@ -354,6 +384,8 @@ class _PenalizedSGD(MicroBatchSGD):
         self.fd_eps = float(fd_eps)
         self.generator = generator
         self.penalty_micro_batches = penalty_micro_batches
+        self.rank_independent_draws = bool(rank_independent_draws)
+        self.exact_grad_norm = bool(exact_grad_norm)
         self._param_norm: float | None = None  # ‖θ‖ when first measured, the scale fd_eps is checked against
         self._param_norm_measured = False
         if method == "finite_difference":
@@ -362,6 +394,12 @@ class _PenalizedSGD(MicroBatchSGD):
     def _prepare_step(self, params: list[Tensor], closure_autocast: tuple[str, torch.dtype, bool]) -> None:
         if self.method == "finite_difference":
             self._check_fd_eps(params, closure_autocast[1] if closure_autocast[2] else None)
+
+    def _draw_generator(self, group: Any) -> torch.Generator | None:
+        """A per-rank stream (distributed step, ``rank_independent_draws``, a generator), else ``self.generator``."""
+        if group is None or self.generator is None or not self.rank_independent_draws:
+            return self.generator
+        return distributed.rank_draw_generator(self.generator, torch.distributed.get_rank(group))
 
     def _check_fd_eps(self, params: list[Tensor], compute_dtype: torch.dtype | None) -> None:
         """fd_eps against the coarsest parameter dtype and ‖θ‖ (measured once: no host sync in a step)."""
@@ -374,19 +412,26 @@ class _PenalizedSGD(MicroBatchSGD):
             dtype = max((p.dtype for p in floating), key=lambda d: torch.finfo(d).eps)
             hvp.check_fd_eps(self.fd_eps, dtype, self._param_norm, compute_dtype)
 
+    def _wire_penalty_grad(self) -> bool:
+        return self.exact_grad_norm
+
     def _applied_gradient(self, acc: Accumulation, grad_norm: Tensor, params: list[Tensor]) -> list[Tensor]:
-        """G + λP, with P = Σ_j w_j ∇R_j; G − λP for parameters whose group maximizes (ascends L, still minimizes R)."""
+        """G + λP, with P = Σ_j w_j ∇R_j (already added when P did not travel apart: ``acc.penalty_grad`` None)."""
+        return acc.grad if acc.penalty_grad is None else self._add_penalty(acc.grad, acc.penalty_grad, params)
+
+    def _add_penalty(self, grad: list[Tensor], penalty_grad: list[Tensor], params: list[Tensor]) -> list[Tensor]:
+        """``grad`` += λ ``penalty_grad`` in place; −λ where the group maximizes (ascends L, still minimizes R)."""
         ascending = self._maximizing(params)
         if not any(ascending):
-            torch._foreach_add_(acc.grad, acc.penalty_grad, alpha=self.penalty)
+            torch._foreach_add_(grad, penalty_grad, alpha=self.penalty)
         elif all(ascending):
-            torch._foreach_add_(acc.grad, acc.penalty_grad, alpha=-self.penalty)
+            torch._foreach_add_(grad, penalty_grad, alpha=-self.penalty)
         else:
             for sign in (1.0, -1.0):
                 chosen = [i for i, up in enumerate(ascending) if up == (sign < 0)]
-                torch._foreach_add_([acc.grad[i] for i in chosen], [acc.penalty_grad[i] for i in chosen],
+                torch._foreach_add_([grad[i] for i in chosen], [penalty_grad[i] for i in chosen],
                                     alpha=sign * self.penalty)
-        return acc.grad
+        return grad
 
 
 class GradNormSGD(_PenalizedSGD):

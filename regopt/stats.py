@@ -17,7 +17,8 @@ class StepStats:
         penalty: Σ_j w_j R_j, the regularizer without λ (zero for unpenalized optimizers).
         micro_grad_sq_norm: Σ_j w_j ‖g_j‖², the paper's "average micro-batch gradient norm"
             (squared, as the authors logged it), for every optimizer.
-        grad_norm: ‖Σ_j w_j g_j‖, the norm of the large-batch loss gradient G.
+        grad_norm: ‖Σ_j w_j g_j‖, the norm of the large-batch loss gradient G (NaN in a distributed
+            step with ``exact_grad_norm=False``, which all-reduces G + λP alone).
         num_micro_batches: k, the number of micro-batches in the step (all ranks together).
         skipped: whether the update was skipped because a term was non-finite.
     """

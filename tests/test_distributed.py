@@ -17,8 +17,9 @@ concatenation; with other shards the tests compare against a reference built ove
 ranks' own partition (``partition_reference``), and G-only updates (LB, normalized,
 external grafting, a model without batch statistics) against the concatenation directly.
 
-Random draws (FT labels, UJ directions): each rank draws for its own micro-batches from its
-own generator. The reference records its generator state at the start of each micro-batch
+Random draws (FT labels, UJ directions): with ``rank_independent_draws=False`` each rank draws
+for its own micro-batches from its own generator (the default, independent draws per rank, is
+tested in test_distributed_edges.py). The reference records its generator state at the start of each micro-batch
 (in the closure, which runs before that micro-batch's draw) and every rank starts its step
 from the state recorded at its first example, so the draws, hence the steps, are the same.
 """
@@ -158,8 +159,9 @@ CONFIGS: dict[str, tuple[type, dict[str, Any], bool]] = {
 def make_optimizer(name: str, params: Any, micro_batch_size: int, **extra: Any) -> tuple[MicroBatchSGD, Any]:
     cls, kwargs, random = CONFIGS[name]
     generator = torch.Generator().manual_seed(SEED) if random else None
-    if random:
+    if random:  # draw for draw as the single process: each rank uses its generator itself
         extra["generator"] = generator
+        extra.setdefault("rank_independent_draws", False)
     return cls(params, lr=LR, micro_batch_size=micro_batch_size, **kwargs, **extra), generator
 
 

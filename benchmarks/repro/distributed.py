@@ -2,7 +2,8 @@
 
 Under ``torchrun`` every rank draws the same global batch and trains on its own contiguous shard
 (regopt's optimizers all-reduce over the world group; SB averages its gradient with one
-all-reduce), evaluation is sharded, and only rank 0 writes files and shows progress.
+all-reduce), evaluation is sharded (after averaging BatchNorm statistics over the ranks, see
+evaluation.py), and only rank 0 writes files and shows progress.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import Tensor
 
 
 @dataclass
@@ -56,13 +57,6 @@ def sum_across(values: Tensor, ctx: Dist) -> Tensor:
     if ctx.world_size > 1:
         dist.all_reduce(values)
     return values
-
-
-def broadcast_buffers(model: nn.Module, ctx: Dist) -> None:
-    """Rank 0's module buffers (BatchNorm running statistics) on every rank."""
-    if ctx.world_size > 1:
-        for buffer in model.buffers():
-            dist.broadcast(buffer, src=0)
 
 
 def average_gradients(params: list[Tensor], loss: Tensor, ctx: Dist) -> Tensor:

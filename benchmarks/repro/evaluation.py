@@ -6,6 +6,12 @@ so that evaluation does not depend on the last ~10 micro-batches' statistics, wh
 learning rate lag behind the weights (worth +0.3 to +0.4 points of held-out accuracy on average
 in the Fashion-MNIST probes, see benchmarks/RESULTS_fmnist.md). Training itself never reads
 running statistics, so this changes what is measured, not the trajectory.
+
+Under torchrun each rank's running statistics follow its own micro-batches. Recalibration draws
+the same micro-batches on every rank (same seed), so the ranks agree after it; without it
+(``bn_recalibrate = 0``), and before the --compare-bn-eval diagnostic, the floating-point buffers
+are averaged over the ranks (:func:`regopt.distributed.average_buffers`, one all-reduce), so the
+sharded evaluation sees every rank's statistics, the same on every rank.
 """
 
 from __future__ import annotations
@@ -17,8 +23,9 @@ import torch
 from torch import nn
 
 from benchmarks import data as data_lib
+from regopt.distributed import average_buffers
 
-from .distributed import Dist, broadcast_buffers, sum_across
+from .distributed import Dist, sum_across
 
 
 def _bn_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
@@ -72,11 +79,11 @@ def heldout_accuracy(model: nn.Module, data: data_lib.DataSplits, config: Mappin
     """Held-out accuracy at ``step`` after BatchNorm recalibration, and (with --compare-bn-eval) the accuracy
     with the running statistics training left (None otherwise)."""
     running_bn_acc = None
+    if ctx.world_size > 1 and (config["bn_recalibrate"] <= 0 or config.get("compare_bn_eval")):
+        average_buffers(model)  # every rank's running statistics, the same on every rank
     if config.get("compare_bn_eval") and config["bn_recalibrate"] > 0:  # calibration diagnostic
         running_bn_acc = evaluate(model, data, "heldout", config["eval_batch_size"], config["eval_size"], ctx)
     recalibrate_batchnorm(model, data, config["bn_recalibrate"], micro_batch_size, seed=1_000 * seed + step)
-    if config["bn_recalibrate"] <= 0:
-        broadcast_buffers(model, ctx)
     return evaluate(model, data, "heldout", config["eval_batch_size"], config["eval_size"], ctx), running_bn_acc
 
 
