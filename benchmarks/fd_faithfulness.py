@@ -379,7 +379,7 @@ def checkpoints_cached(args: argparse.Namespace, data: data_lib.DataSplits,
     key = dict(source=data.source, train=len(data.train), steps_at=list(args.steps_at), seed=args.seed,
                widths=list(args.widths), activation=args.activation, pool=args.pool, lr=args.lr,
                momentum=args.momentum, batch_size=args.batch_size,
-               micro_batch_size=args.micro_batch_size, torch=torch.__version__)
+               micro_batch_size=args.micro_batch_size, torch=str(torch.__version__))  # a str: the cache loads weights_only
     if args.cache and Path(args.cache).is_file():
         cached = torch.load(args.cache, weights_only=True)  # state dicts, numbers and strings only
         if cached.get("key") == key:
