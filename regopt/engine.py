@@ -24,8 +24,8 @@ drawn: P̂ is the full step's P, with the same draws, thinned (E_S[P̂ | draws] 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 import hashlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -216,7 +216,8 @@ def sample_penalty_subset(count: int, size: int, generator: torch.Generator | No
 
 def host_generator(state: Tensor) -> torch.Generator:
     """A CPU generator seeded by a 64-bit hash of a generator's state bytes (deterministic across runs)."""
-    digest = hashlib.blake2b(state.cpu().numpy().tobytes(), digest_size=8).digest()
+    # bytes(list) rather than .numpy(): the core depends on torch alone (numpy is optional for torch)
+    digest = hashlib.blake2b(bytes(state.cpu().tolist()), digest_size=8).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest, "little"))
 
 
