@@ -82,7 +82,8 @@ def _wait_for_every_rank(store: dist.Store, world_size: int) -> None:
     store.wait(["all_ready"])
 
 
-def _entry(rank: int, world_size: int, worker: Callable[[int, int], dict], out_dir: Path) -> None:
+def _entry(rank: int, world_size: int, worker: Callable[..., dict], out_dir: Path,
+           before_init: Callable[[int, int], Any] | None = None) -> None:
     global _progress_file
     progress, result_path = _paths(out_dir, rank)
     _progress_file = open(progress, "a", encoding="utf-8")  # noqa: SIM115  (left open until os._exit)
@@ -91,6 +92,8 @@ def _entry(rank: int, world_size: int, worker: Callable[[int, int], dict], out_d
     if interface is not None:
         os.environ.setdefault("GLOO_SOCKET_IFNAME", interface)  # gloo on 127.0.0.1 only
     torch.set_num_threads(1)
+    # What the rank does before torch.distributed exists (e.g. build an optimizer), handed to the worker.
+    prepared = (before_init(rank, world_size),) if before_init is not None else ()
     store = dist.FileStore(str(out_dir / "store"), world_size)
     store.set_timeout(datetime.timedelta(seconds=STALL_TIMEOUT_S))  # the parent ends a real stall first
     _wait_for_every_rank(store, world_size)
@@ -100,7 +103,7 @@ def _entry(rank: int, world_size: int, worker: Callable[[int, int], dict], out_d
                             timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
     report("process group up")
     try:
-        result = worker(rank, world_size)
+        result = worker(rank, world_size, *prepared)
     finally:
         dist.destroy_process_group()
     with open(result_path, "wb") as f:
@@ -155,10 +158,16 @@ def join_ranks(context: Any, out_dir: Path, world_size: int, stall_timeout_s: fl
                               f"{now:.1f})\n{_progress_lines(out_dir, world_size)}")
 
 
-def launch(worker: Callable[[int, int], dict], world_size: int, tmp_dir: Path) -> list[dict]:
-    """Run ``worker(rank, world_size)`` on ``world_size`` spawned gloo ranks; return each rank's result."""
+def launch(worker: Callable[..., dict], world_size: int, tmp_dir: Path,
+           before_init: Callable[[int, int], Any] | None = None) -> list[dict]:
+    """Run ``worker(rank, world_size)`` on ``world_size`` spawned gloo ranks; return each rank's result.
+
+    With ``before_init``, each rank first runs ``prepared = before_init(rank, world_size)`` before
+    ``init_process_group``, then ``worker(rank, world_size, prepared)``.
+    """
     out_dir = Path(tmp_dir)
-    context = mp.start_processes(_entry, args=(world_size, worker, out_dir), nprocs=world_size, join=False,
+    context = mp.start_processes(_entry, args=(world_size, worker, out_dir, before_init), nprocs=world_size,
+                                 join=False,
                                  start_method="spawn")
     try:
         join_ranks(context, out_dir, world_size)

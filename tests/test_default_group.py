@@ -7,25 +7,18 @@ steps on its shard of one batch; the test process computes the single-process st
 
 from __future__ import annotations
 
-import datetime
-import os
-import pickle
-import socket
-import time
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
 import regopt
+from dist_support import launch
 
 WORLD = 2
 SHARD = 4  # examples per rank; micro-batches of 2, so the ranks' micro-batches are the single process's
 OPTIONS = dict(lr=0.1, momentum=0.9, weight_decay=0.1, micro_batch_size=2)
-TIMEOUT_S = 120
 
 
 def _model() -> nn.Module:
@@ -61,53 +54,29 @@ def _steps(opt: regopt.MicroBatchSGD, model: nn.Module, batch, count: int = 2) -
     return _flat(model)
 
 
-def _worker(rank: int, init_file: str, out_dir: str) -> None:
-    try:
-        loopback = next((name for _, name in socket.if_nameindex() if name.startswith("lo")), None)
-    except OSError:
-        loopback = None
-    if loopback is not None:
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", loopback)
-    torch.set_num_threads(1)
+def _before_init(rank: int, world_size: int) -> dict:
+    """Built before ``dist.init_process_group``: one optimizer with the default group, one with none."""
+    default_model, alone_model = _model(), _model()
+    default_opt = regopt.GradNormSGD(default_model.parameters(), penalty=0.2, **OPTIONS)
+    alone_opt = regopt.GradNormSGD(alone_model.parameters(), penalty=0.2, process_group=None, **OPTIONS)
+    return dict(default=(default_opt, default_model), alone=(alone_opt, alone_model),
+                group_before_init=default_opt.process_group is None)
+
+
+def _worker(rank: int, world_size: int, built: dict) -> dict:
     x, y = _batch()
     mine = (x[rank * SHARD:(rank + 1) * SHARD], y[rank * SHARD:(rank + 1) * SHARD])
-    default_model, alone_model = _model(), _model()
-    default_opt = regopt.GradNormSGD(default_model.parameters(), penalty=0.2, **OPTIONS)  # before init
-    alone_opt = regopt.GradNormSGD(alone_model.parameters(), penalty=0.2, process_group=None, **OPTIONS)
-    result = {"group_before_init": default_opt.process_group is None}
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=30))
-    try:
-        result["group_at_step"] = default_opt.process_group is dist.group.WORLD
-        result["default"] = _steps(default_opt, default_model, mine)
-        result["alone"] = _steps(alone_opt, alone_model, mine)
-    finally:
-        dist.destroy_process_group()
-    with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
-        pickle.dump(result, f)
-    os._exit(0)  # skip gloo's C++ teardown at interpreter exit (see test_distributed.py)
+    default_opt, default_model = built["default"]
+    return {"group_before_init": built["group_before_init"],
+            "group_at_step": default_opt.process_group is dist.group.WORLD,
+            "default": _steps(default_opt, default_model, mine),
+            "alone": _steps(*built["alone"], mine)}
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
-    out_dir = tmp_path_factory.mktemp("default_group")
-    context = mp.start_processes(_worker, args=(str(out_dir / "init"), str(out_dir)), nprocs=WORLD, join=False,
-                                 start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not context.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{WORLD} ranks did not finish within {TIMEOUT_S} s")
-    finally:
-        for process in context.processes:  # only the processes this fixture started
-            if process.is_alive():
-                process.kill()
-                process.join()
-    results = []
-    for rank in range(WORLD):
-        with open(out_dir / f"rank{rank}.pkl", "rb") as f:
-            results.append(pickle.load(f))
-    return results
+    # tests/dist_support.py: file-store rendezvous, start-up barrier, per-rank stall check
+    return launch(_worker, WORLD, tmp_path_factory.mktemp("default_group"), before_init=_before_init)
 
 
 def _single_process(batch) -> list[float]:
