@@ -107,10 +107,6 @@ def _weighted_add(total: list[Tensor] | None, term: list[Tensor], weight: float)
     return total
 
 
-def _either(a: list[bool], b: list[bool]) -> list[bool]:
-    return [x or y for x, y in zip(a, b)]
-
-
 def _rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
     return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
 
@@ -268,7 +264,7 @@ def accumulate(
         rows.append(torch.stack([out.loss.detach(), grads.penalty, hvp.squared_norm(grads.loss_grad),
                                  penalty_grad_sq_norm]))
         grad_sum = _weighted_add(grad_sum, grads.loss_grad, micro.weight)
-        used = _either(used, grads.used if grads.used is not None else [True] * len(params))
+        used = hvp.merge_usage(used, grads.used if grads.used is not None else [True] * len(params))
         del out, grads  # free this micro-batch's graph before the next forward
     terms = torch.stack(rows)
     weights = torch.tensor([m.weight for m in micro_batches], dtype=terms.dtype).to(terms.device, non_blocking=True)

@@ -69,7 +69,8 @@ def _grad(output: Tensor, params: Sequence[Tensor], **kwargs) -> tuple[list[Tens
     return dense, used
 
 
-def _either(a: list[bool], b: list[bool]) -> list[bool]:
+def merge_usage(a: list[bool], b: list[bool]) -> list[bool]:
+    """Which parameters either graph reaches (elementwise or of two ``used`` lists)."""
     return a if a is b else [x or y for x, y in zip(a, b)]
 
 
@@ -132,7 +133,7 @@ def _exact(loss: Tensor, scalar: Tensor, params: Sequence[Tensor], loss_scale: f
         loss_grad = loss_grad if loss_scale == 1.0 else torch._foreach_div(loss_grad, loss_scale)
     else:
         loss_grad, loss_used = gradient_and_usage(loss, params, loss_scale, retain_graph=True)
-        used = _either(loss_used, used)
+        used = merge_usage(loss_used, used)
     if penalty.requires_grad:
         penalty_grad = gradient(penalty, params, loss_scale)
     else:  # v_j does not depend on θ (a model linear in its parameters): H_j = 0
@@ -156,7 +157,7 @@ def finite_difference(loss: Tensor, scalar: Tensor, params: Sequence[Tensor],
         raise RuntimeError(DONATED_BUFFERS.format(error=error)) from error
     if not shares_graph:
         v, scalar_used = gradient_and_usage(scalar, params, loss_scale)
-        used = _either(used, scalar_used)
+        used = merge_usage(used, scalar_used)
     else:
         v = loss_grad
     penalty = squared_norm(v)
