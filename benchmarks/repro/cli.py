@@ -109,7 +109,52 @@ def _output_and_config(args: argparse.Namespace, ctx: Dist) -> tuple[Path, dict[
         out = candidates[-1].parent
     if not (out / "config.json").exists():
         raise SystemExit(f"--resume: {out}/config.json not found")
-    return out, json.loads((out / "config.json").read_text())["config"]
+    return out, resumed_config(args, json.loads((out / "config.json").read_text())["config"], out)
+
+
+# What --resume takes besides the saved configuration: where and how to run, not what to compute.
+_RUNTIME_OPTIONS = {"preset", "out", "resume", "jobs", "time_budget", "threads", "device", "data_root", "download",
+                    "no_progress", "interrupt_after"}
+
+
+def resumed_config(args: argparse.Namespace, saved: dict[str, Any], out: Path) -> dict[str, Any]:
+    """The saved configuration of ``out``, grown by --methods and --seeds, which only add runs (a run depends on
+    the configuration, its method and its seed alone, so finished runs stay valid). Any other option that would
+    change the saved configuration is refused rather than silently ignored."""
+    defaults = vars(make_parser().parse_args([]))
+    given = {dest for dest, value in vars(args).items() if value != defaults.get(dest) and dest not in _RUNTIME_OPTIONS}
+    if args.preset != defaults["preset"] and args.preset != saved["preset"]:
+        raise SystemExit(f"--resume: {out} holds preset {saved['preset']!r}, not {args.preset!r}")
+
+    def configured(options: set[str]) -> dict[str, Any]:  # the preset with only these options applied
+        namespace = argparse.Namespace(**{**defaults, **{d: getattr(args, d) for d in options}})
+        namespace.preset, namespace.methods = saved["preset"], saved["methods"]
+        return config_lib.build_config(namespace)
+
+    base, asked = configured(set()), configured(given - {"methods", "seeds"})
+    changed = {key for key in asked if asked[key] != base[key]}
+    changed |= {key for key, dest in config_lib.OVERRIDES.items() if dest in given}
+    conflicts = sorted(key for key in changed - {"seeds", "resolved"} if asked[key] != saved.get(key))
+    if conflicts:
+        raise SystemExit(f"--resume continues {out} as configured there; these options would change it: "
+                         + ", ".join(f"{key} (saved {saved.get(key)!r}, given {asked[key]!r})" for key in conflicts)
+                         + ". Only --methods and --seeds may add runs; start a new --out for the rest.")
+    config = dict(saved)
+    if args.data_root is not None:  # where the data is now: not what it is
+        config["data_root"] = args.data_root
+    if args.methods:
+        config["methods"] = saved["methods"] + [m for m in args.methods if m not in saved["methods"]]
+    if args.seeds is not None:
+        if args.seeds < int(saved["seeds"]):
+            raise SystemExit(f"--resume: {out} has {saved['seeds']} seeds; --seeds can add seeds, not drop them")
+        config["seeds"] = args.seeds
+    config_lib.validate(config)  # canonical names (duplicates of saved methods merge), resolved hyperparameters
+    return config
+
+
+def _saved_runs(out: Path) -> tuple[list[str], int]:
+    saved = json.loads((out / "config.json").read_text())["config"]
+    return saved["methods"], saved["seeds"]
 
 
 def _threads(args: argparse.Namespace, config: dict[str, Any], device: torch.device) -> int | None:
@@ -146,7 +191,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     config["device_name"] = env["device_name"]
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        if not args.resume:
+        if not args.resume or _saved_runs(out) != (config["methods"], config["seeds"]):
             report.write_json(out / "config.json", {"config": config, "environment": env})
         print(f"preset {config['preset']}: {config.get('description', '')}\n"
               f"data {data.name}: {config['data_source']}: train {len(data.train)}, held-out {len(data.heldout)}, "

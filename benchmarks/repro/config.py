@@ -42,7 +42,7 @@ def parse_assignments(items: Sequence[str] | None, what: str) -> dict[str, float
     return out
 
 
-_OVERRIDES = {  # config key: argparse destination
+OVERRIDES = {  # config key: argparse destination
     "dataset": "dataset", "model": "model", "batch_size": "batch_size", "micro_batch_size": "micro_batch_size",
     "steps": "steps", "eval_every": "eval_every", "eval_size": "eval_size", "seeds": "seeds", "momentum": "momentum",
     "weight_decay": "weight_decay", "grad_method": "method", "bn_recalibrate": "bn_recalibrate",
@@ -59,7 +59,7 @@ def build_config(args: argparse.Namespace) -> dict[str, Any]:
     config = copy.deepcopy(DEFAULTS)
     config.update(copy.deepcopy(preset))
     config["preset"] = args.preset
-    config.update({key: getattr(args, dest) for key, dest in _OVERRIDES.items() if getattr(args, dest) is not None})
+    config.update({key: getattr(args, dest) for key, dest in OVERRIDES.items() if getattr(args, dest) is not None})
     if args.compare_bn_eval:
         config["compare_bn_eval"] = True
     if args.nondeterministic:

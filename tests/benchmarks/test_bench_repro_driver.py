@@ -174,3 +174,33 @@ def test_bad_runtime_options_exit_clearly(tmp_path):
         _run(tmp_path / "a", "--jobs", "0")
     with pytest.raises(SystemExit, match="--time-budget must be a positive"):
         _run(tmp_path / "b", "--time-budget", "0")
+
+
+def test_resume_adds_the_methods_and_seeds_it_is_given_and_keeps_the_finished_runs(tmp_path, capsys):
+    """--resume --methods/--seeds grow the saved plan (as the GPU kit's second call does); finished runs are
+    read back, only the new ones train, and the result equals one run of the grown plan."""
+    grown = tmp_path / "grown"
+    _run(grown, "--methods", "SB", "LB", "--seeds", "1")
+    capsys.readouterr()
+    reproduce.main(["--resume", "--out", str(grown), "--no-progress", "--methods", "LB", "GN@lambda=0.1",
+                    "--seeds", "2"])
+    err = capsys.readouterr().err
+    assert "SB seed 0:" not in err and "LB seed 0:" not in err and "GN@λ=0.1 seed 1:" in err
+    saved = json.loads((grown / "config.json").read_text())["config"]
+    assert saved["methods"] == ["SB", "LB", "GN@λ=0.1"] and saved["seeds"] == 2
+    whole = tmp_path / "whole"
+    _run(whole, "--methods", "SB", "LB", "GN@λ=0.1", "--seeds", "2")
+    assert _strip_wall(grown / "runs.json") == _strip_wall(whole / "runs.json")
+
+
+@pytest.mark.parametrize("option, named", [(["--steps", "6"], "steps (saved 4, given 6)"),
+                                           (["--lr", "LB=0.5"], "lr"), (["--seeds", "1"], "can add seeds"),
+                                           (["--preset", "fmnist"], "holds preset")])
+def test_resume_refuses_options_that_would_change_the_saved_runs(tmp_path, option, named):
+    out = tmp_path / "run"
+    _run(out, "--methods", "LB", "--seeds", "2", "--time-budget", "0.001")
+    before = (out / "config.json").read_text()
+    with pytest.raises(SystemExit, match="--resume") as raised:
+        reproduce.main(["--resume", "--out", str(out), "--no-progress", *option])
+    assert named in str(raised.value)
+    assert (out / "config.json").read_text() == before
