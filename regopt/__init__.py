@@ -7,11 +7,13 @@ after Novack et al., "Disentangling the Mechanisms Behind Implicit Regularizatio
 SGD", ICLR 2023.
 """
 
+from .closures import BatchClosure
 from .grafting import GradNormRecorder, GraftedSGD
 from .optimizers import FisherTraceSGD, GradNormSGD, JacobianRegSGD, MicroBatchSGD
 from .stats import StepStats
 
 __all__ = [
+    "BatchClosure",
     "FisherTraceSGD",
     "GradNormRecorder",
     "GradNormSGD",

@@ -23,6 +23,7 @@ from torch.optim.optimizer import ParamsT
 
 from . import distributed, engine, hvp, penalties
 from .batching import Batch, autocast_state, check_micro_batch_size, split_batch
+from .closures import step_arguments
 from .engine import Accumulation, accumulate, settle
 from .penalties import Penalty
 from .stats import StepStats
@@ -219,12 +220,16 @@ class MicroBatchSGD(torch.optim.SGD):
         return params
 
     # -- the step -----------------------------------------------------------------------
-    def step(self, closure: Callable[..., Any] | None = None, batch: Batch | None = None) -> Tensor:  # type: ignore[override]
-        if closure is None or batch is None:
-            raise TypeError(
-                f"{type(self).__name__}.step needs a closure and a batch: step(closure, batch), "
-                "where closure(*micro_batch) returns the mean loss over the micro-batch"
-            )
+    def step(self, closure: Callable[..., Any] | None = None, batch: Batch | None = None, *,  # type: ignore[override]
+             loss_fn: Callable[..., Any] | None = None) -> Tensor:
+        """One step on ``batch``: ``closure(*micro_batch)`` (or ``loss_fn``) returns the mean loss over a micro-batch.
+
+        ``step(closure, batch)``, ``step(batch=batch, loss_fn=fn)`` (a trainer's zero-argument closure, if
+        given, is then called once after ``.grad`` is written and before the update) and
+        ``step(regopt.BatchClosure(fn, batch))`` are the same step; see :mod:`regopt.closures`.
+        Returns the mean loss over the batch (a 0-dim tensor, no host sync).
+        """
+        arguments = step_arguments(type(self).__name__, closure, batch, loss_fn)
         group = self.process_group  # resolved now: the world group at step time
         params = self._trainable_params()
         device = params[0].device
@@ -232,9 +237,10 @@ class MicroBatchSGD(torch.optim.SGD):
         transaction = StepTransaction(params, self.generator)
         # Only the closure runs under the caller's autocast: norms, penalties and the update use full precision.
         with torch.autocast(device.type, enabled=False):
-            return self._step(closure, batch, params, group, transaction, closure_autocast)
+            return self._step(arguments, params, group, transaction, closure_autocast)
 
-    def _step(self, closure, batch, params, group, transaction, closure_autocast) -> Tensor:
+    def _step(self, arguments, params, group, transaction, closure_autocast) -> Tensor:
+        closure, batch = arguments.loss_fn, arguments.batch
         reduced = False  # whether this rank has taken part in the step's all-reduce
         failure = engine.FAILURE_SHARD  # what this rank tells the others if it fails before the all-reduce
         try:
@@ -269,7 +275,7 @@ class MicroBatchSGD(torch.optim.SGD):
             if called_backward and isinstance(error, Exception) and not isinstance(error, TypeError):
                 raise TypeError(CLOSURE_CALLED_BACKWARD) from error
             raise
-        self.stats = StepStats(
+        stats = StepStats(
             loss=acc.loss,
             penalty=acc.penalty,
             micro_grad_sq_norm=acc.micro_grad_sq_norm,
@@ -277,21 +283,34 @@ class MicroBatchSGD(torch.optim.SGD):
             num_micro_batches=int(acc.sums[4]) if group is not None else len(micro_batches),
             skipped=problem is not None,
         )
-        self._update_loss_scale(found_nonfinite=problem is not None)
         if problem is not None:  # skip_nonfinite or loss scaling: like a step never taken
             transaction.rollback()
-            return acc.loss
-        self._commit(params, self._applied_gradient(acc, grad_norm, params), used)
+        else:
+            self._write_grads(params, self._applied_gradient(acc, grad_norm, params), used)
+        previous_stats, self.stats = self.stats, stats
+        if arguments.hook is not None:  # a trainer's closure: sees .grad and stats as the update will
+            try:
+                arguments.hook()
+            except BaseException:
+                transaction.rollback()
+                self.stats = previous_stats
+                raise
+        self._update_loss_scale(found_nonfinite=problem is not None)
+        if problem is None:
+            self._update(params)
         return acc.loss
 
-    def _commit(self, params: list[Tensor], applied: list[Tensor], used: list[bool]) -> None:
-        """Write ``.grad`` (None for a frozen or unused parameter: SGD then skips it) and take SGD's update."""
+    def _write_grads(self, params: list[Tensor], applied: list[Tensor], used: list[bool]) -> None:
+        """Write ``.grad``: the applied gradient, None for an unused parameter (SGD then skips it)."""
+        for param, grad, is_used in zip(params, applied, used):
+            param.grad = grad if is_used else None
+
+    def _update(self, params: list[Tensor]) -> None:
+        """Clear a frozen parameter's ``.grad`` (SGD then skips it), clip (``max_grad_norm``), take SGD's update."""
         for group in self.param_groups:
             for p in group["params"]:
                 if not p.requires_grad:
                     p.grad = None
-        for param, grad, is_used in zip(params, applied, used):
-            param.grad = grad if is_used else None
         if self.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm, foreach=self.defaults["foreach"])
         sgd_update(self)

@@ -23,3 +23,20 @@ def test_stats_are_tensors_and_consistent():
     assert stats.micro_grad_rms_norm.item() == pytest.approx(math.sqrt(stats.micro_grad_sq_norm.item()))
     with pytest.raises(AttributeError):
         stats.loss = loss
+
+
+def test_as_dict_gives_floats_for_loggers_with_a_prefix():
+    model = cnn(13)
+    opt = regopt.GradNormSGD(model.parameters(), lr=0.1, micro_batch_size=4, penalty=0.1)
+    opt.step(loss_closure(model), data_for(model, 10))
+    stats = opt.stats
+    logged = stats.as_dict(prefix="train/")
+    assert list(logged) == ["train/" + k for k in ("loss", "penalty", "micro_grad_sq_norm", "micro_grad_rms_norm",
+                                                   "grad_norm", "num_micro_batches", "skipped")]
+    assert all(type(v) is float for v in logged.values())
+    for key in ("loss", "penalty", "micro_grad_sq_norm", "grad_norm", "micro_grad_rms_norm"):
+        assert logged["train/" + key] == pytest.approx(getattr(stats, key).item(), rel=1e-6)
+    assert logged["train/num_micro_batches"] == 3.0 and logged["train/skipped"] == 0.0
+    nan_norm = regopt.StepStats(stats.loss, stats.penalty, stats.micro_grad_sq_norm,
+                                torch.tensor(float("nan")), 3, skipped=True)
+    assert math.isnan(nan_norm.as_dict()["grad_norm"]) and nan_norm.as_dict()["skipped"] == 1.0

@@ -1,0 +1,105 @@
+"""What ``step`` accepts: the per-micro-batch loss function and the batch, however a trainer passes them.
+
+A regopt step differentiates each micro-batch itself, so it needs ``loss_fn(*micro_batch) -> loss`` and
+the batch, not torch.optim's zero-argument ``closure() -> loss`` that has already called backward().
+Three spellings reach the same step:
+
+- ``optimizer.step(loss_fn, batch)``: the plain form.
+- ``optimizer.step(batch=batch, loss_fn=loss_fn)``: for wrappers that forward keyword arguments and
+  insert a zero-argument closure of their own (Lightning's ``LightningOptimizer.step`` and its precision
+  plugins). That closure is a *hook*: it is called once, after the step has written ``.grad`` and before
+  the update (where torch.optim calls its closure's end: Lightning's ``on_before_optimizer_step``), or
+  after the rollback of a skipped step; what it returns is ignored, and it must not call backward().
+- ``optimizer.step(BatchClosure(loss_fn, batch))``: for wrappers that forward only ``closure``
+  (Accelerate's ``AcceleratedOptimizer.step``).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .batching import Batch
+
+_RECIPE = (
+    "In Lightning, set `self.automatic_optimization = False` and in training_step call\n"
+    "    self.optimizers().step(batch=batch, loss_fn=lambda x, y: F.cross_entropy(self(x), y))\n"
+    "Through a wrapper that forwards only the closure (Accelerate's prepared optimizer):\n"
+    "    optimizer.step(regopt.BatchClosure(loss_fn, batch))"
+)
+
+
+@dataclass(frozen=True)
+class BatchClosure:
+    """A closure object that carries a regopt step's ``loss_fn`` and ``batch`` through a wrapper that
+    forwards only ``closure`` to ``optimizer.step`` (e.g. Accelerate's prepared optimizer):
+    ``optimizer.step(BatchClosure(loss_fn, batch))`` is ``optimizer.step(loss_fn, batch)``.
+
+    Calling it is an error: only a regopt optimizer's ``step`` can evaluate it (per micro-batch).
+    """
+
+    loss_fn: Callable[..., Any]
+    batch: Batch
+
+    def __call__(self) -> Any:
+        raise TypeError(
+            "regopt.BatchClosure was called like a torch.optim closure: pass it to a regopt optimizer's step, "
+            "which calls loss_fn once per micro-batch. A wrapper that calls closures itself (fp16 GradScaler, "
+            "automatic optimization) cannot drive a regopt step:\n" + _RECIPE
+        )
+
+
+@dataclass(frozen=True)
+class StepArguments:
+    loss_fn: Callable[..., Any]
+    batch: Batch
+    hook: Callable[[], Any] | None  # a trainer's zero-argument closure, called once (see the module docstring)
+
+
+def _takes_no_arguments(fn: Callable[..., Any], strictly: bool = False) -> bool:
+    """Whether ``fn()`` binds (``strictly``: whether ``fn`` has no parameters at all, not even ``*args``)."""
+    try:
+        signature = inspect.signature(fn)
+        signature.bind()
+    except (TypeError, ValueError):  # ValueError: no signature (some builtins), nothing we can recognize
+        return False
+    return not signature.parameters if strictly else True
+
+
+def step_arguments(owner: str, closure: Any, batch: Any, loss_fn: Any) -> StepArguments:
+    """Read ``step(closure, batch, *, loss_fn)`` into the loss function, the batch and a trainer's hook;
+    a TypeError says how to call ``step`` when they do not fit together."""
+    if isinstance(closure, BatchClosure):
+        if batch is not None or loss_fn is not None:
+            raise TypeError(f"{owner}.step got a BatchClosure and also batch= or loss_fn=: pass one or the other")
+        return StepArguments(closure.loss_fn, closure.batch, None)
+    if loss_fn is not None:
+        if not callable(loss_fn):
+            raise TypeError(f"{owner}.step: loss_fn must be callable, got {type(loss_fn).__name__}")
+        if batch is None:
+            raise TypeError(f"{owner}.step got loss_fn= but no batch=: step(batch=batch, loss_fn=loss_fn)")
+        if closure is not None and not callable(closure):
+            raise TypeError(f"{owner}.step: closure must be callable, got {type(closure).__name__}")
+        return StepArguments(loss_fn, batch, closure)
+    if closure is not None and batch is None and callable(closure) and _takes_no_arguments(closure):
+        raise TypeError(
+            f"{owner}.step got a zero-argument closure and no batch: that is how a trainer's automatic "
+            "optimization calls torch.optim optimizers (its closure runs the forward and backward pass itself). A regopt step "
+            "needs the batch and a per-micro-batch loss function instead, since it differentiates each "
+            "micro-batch itself.\n" + _RECIPE
+        )
+    if batch is not None and callable(closure) and _takes_no_arguments(closure, strictly=True):
+        raise TypeError(
+            f"{owner}.step got a closure that takes no arguments, but it calls the closure once per micro-batch "
+            "with the micro-batch's parts. If a trainer wrapped your loss function in a closure of its own "
+            "(Lightning's self.optimizers().step(fn, batch=batch) does), pass it by keyword instead:\n"
+            "    self.optimizers().step(batch=batch, loss_fn=fn)"
+        )
+    if closure is None or batch is None:
+        raise TypeError(
+            f"{owner}.step needs a closure and a batch: step(closure, batch), where closure(*micro_batch) "
+            "returns the mean loss over the micro-batch (or step(batch=batch, loss_fn=closure))"
+        )
+    return StepArguments(closure, batch, None)
