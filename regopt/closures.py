@@ -1,15 +1,16 @@
 """What ``step`` accepts: the per-micro-batch loss function and the batch, however a trainer passes them.
 
 A regopt step differentiates each micro-batch itself, so it needs ``loss_fn(*micro_batch) -> loss`` and
-the batch, not torch.optim's zero-argument ``closure() -> loss`` that has already called backward().
+the batch, not torch.optim's zero-argument ``closure() -> loss``, which calls backward() itself.
 Three spellings reach the same step:
 
 - ``optimizer.step(loss_fn, batch)``: the plain form.
 - ``optimizer.step(batch=batch, loss_fn=loss_fn)``: for wrappers that forward keyword arguments and
   insert a zero-argument closure of their own (Lightning's ``LightningOptimizer.step`` and its precision
   plugins). That closure is a *hook*: it is called once, after the step has written ``.grad`` and before
-  the update (where torch.optim calls its closure's end: Lightning's ``on_before_optimizer_step``), or
-  after the rollback of a skipped step; what it returns is ignored, and it must not call backward().
+  the update (where a torch.optim closure ends, so Lightning's ``on_before_optimizer_step`` hooks see the
+  applied gradient), or after the rollback of a skipped step; what it returns is ignored, and it must not
+  call backward().
 - ``optimizer.step(BatchClosure(loss_fn, batch))``: for wrappers that forward only ``closure``
   (Accelerate's ``AcceleratedOptimizer.step``).
 """
@@ -86,9 +87,9 @@ def step_arguments(owner: str, closure: Any, batch: Any, loss_fn: Any) -> StepAr
     if closure is not None and batch is None and callable(closure) and _takes_no_arguments(closure):
         raise TypeError(
             f"{owner}.step got a zero-argument closure and no batch: that is how a trainer's automatic "
-            "optimization calls torch.optim optimizers (its closure runs the forward and backward pass itself). A regopt step "
-            "needs the batch and a per-micro-batch loss function instead, since it differentiates each "
-            "micro-batch itself.\n" + _RECIPE
+            "optimization calls torch.optim optimizers (its closure runs the forward and backward pass itself). "
+            "A regopt step needs the batch and a per-micro-batch loss function instead, since it differentiates "
+            "each micro-batch itself.\n" + _RECIPE
         )
     if batch is not None and callable(closure) and _takes_no_arguments(closure, strictly=True):
         raise TypeError(
