@@ -10,8 +10,9 @@ autocast, which is all regopt needs. Two things not to combine with a regopt opt
 - ``gradient_accumulation_steps`` > 1 / ``accelerator.accumulate``: regopt already accumulates, over the
   micro-batches of one large batch, inside one step (``micro_batch_size``); Accelerate's accumulation
   would skip whole steps and leave regopt nothing to add to. Pass the large batch to one step instead.
-- ``mixed_precision="fp16"``: Accelerate's GradScaler unscales gradients before the step computes them.
-  Use bf16, or float16 autocast yourself with regopt's ``loss_scale="dynamic"``.
+- ``mixed_precision="fp16"``: Accelerate's GradScaler would unscale gradients before the step computes
+  them (from Accelerate's code; not run here). Use bf16, or float16 autocast yourself with regopt's
+  ``loss_scale="dynamic"``.
 
 Under several processes (``accelerate launch``), the prepared model is a DistributedDataParallel wrapper:
 call ``accelerator.unwrap_model(model)`` inside ``loss_fn`` (regopt all-reduces once per step itself, and

@@ -16,8 +16,9 @@ loss once per micro-batch itself (a regopt optimizer refuses that call and shows
 ``LightningOptimizer.step`` and the precision plugin pass ``batch=`` and ``loss_fn=`` through and add a
 zero-argument closure of their own, which regopt calls once, after it has written ``.grad`` and before the
 update, so ``on_before_optimizer_step`` hooks see the gradient the update applies. Use ``precision="32"``
-or ``"bf16-mixed"``; ``"16-mixed"``'s GradScaler unscales gradients before the step has computed them
-(for float16, use regopt's own ``loss_scale="dynamic"``). Lightning's ``gradient_clip_val`` applies to
+or ``"bf16-mixed"``; on a GPU, ``"16-mixed"``'s GradScaler would unscale gradients before the step has
+computed them (from Lightning's code; on the CPU Lightning runs ``16-mixed`` as bfloat16): for float16,
+use regopt's own ``loss_scale="dynamic"``. Lightning's ``gradient_clip_val`` applies to
 automatic optimization only: pass ``max_grad_norm=`` to the regopt optimizer instead.
 """
 
