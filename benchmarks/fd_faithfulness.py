@@ -71,6 +71,7 @@ import regopt
 from benchmarks import data as data_lib
 from benchmarks import models as models_lib
 from regopt import hvp, penalties
+from regopt.engine import weighted_add
 
 # The `fmnist` preset (benchmarks/repro/presets.py; tests/benchmarks/test_bench_fd.py holds them equal).
 FMNIST = dict(train_size=10_000, widths=[16, 32, 64], batch_size=1024, micro_batch_size=128, lr=0.1, momentum=0.0)
@@ -217,13 +218,6 @@ def compare(estimated: Sequence[Tensor], reference: Sequence[Tensor]) -> tuple[f
     return cos, float((e - r).norm() / r.norm().clamp_min(torch.finfo(torch.float64).tiny))
 
 
-def _weighted_add(total: list[Tensor] | None, term: list[Tensor], weight: float) -> list[Tensor]:
-    if total is None:
-        return torch._foreach_mul(term, weight)
-    torch._foreach_add_(total, term, alpha=weight)
-    return total
-
-
 @dataclasses.dataclass
 class BatchMeasurement:
     exact: list[Tensor]
@@ -246,11 +240,11 @@ def measure_batch(model: nn.Module, micros: Sequence[Micro], penalty: penalties.
     flips, switches, seconds = defaultdict(list), defaultdict(list), defaultdict(list)
     for j, ((x, y, weight), draw) in enumerate(zip(micros, draws)):
         m = measure_micro(model, params, x, y, penalty, draw, steps)
-        exact_sum = _weighted_add(exact_sum, m.exact, weight)
+        exact_sum = weighted_add(exact_sum, m.exact, weight)
         for variant in variants:
             for e in eps:
                 h = step_size(variant, e, theta_norm)
-                sums[variant, e] = _weighted_add(sums.get((variant, e)), estimate(m, variant, h), weight)
+                sums[variant, e] = weighted_add(sums.get((variant, e)), estimate(m, variant, h), weight)
                 hs = (h, -h) if variant.startswith("central") else (h,)
                 flips[variant, e].append(statistics.fmean(m.flips[s] for s in hs))
                 switches[variant, e].append(statistics.fmean(m.switches[s] for s in hs))

@@ -102,9 +102,10 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from . import forward_hooks
-from .engine import FAILURE_EXCEPTION, Accumulation, host_generator
+from .engine import FAILURE_EXCEPTION, Accumulation, advance, state_seed
 
-_TAIL = 9  # the buffer's slots after the gradients: 5 sums, |B_r|, and the failure (count, Σ rank, Σ kind)
+_SUMS = 6  # the buffer's slots after the gradients: the 5 sums and |B_r|,
+_TAIL = _SUMS + 3  # then the failure (count, Σ rank, Σ kind)
 
 DDP_FORWARD_MESSAGE = (
     "the closure called a DistributedDataParallel module inside a regopt step. regopt all-reduces "
@@ -176,8 +177,8 @@ def all_reduce_accumulation(acc: Accumulation, local_size: int, group: dist.Proc
     flat = torch.cat([t.reshape(-1).to(dtype) for t in pieces] + [tail])
     dist.all_reduce(flat, group=group)
     numel = flat.numel() - tail.numel()
-    reduced_sums = flat[numel:numel + 6].clone()
-    peer_failure = flat[numel + 6:numel + _TAIL].clone()
+    reduced_sums = flat[numel:numel + _SUMS].clone()
+    peer_failure = flat[numel + _SUMS:numel + _TAIL].clone()
     used_count = flat[numel + _TAIL:].clone()
     total = reduced_sums[-1]  # |B|
     flat[:numel].div_(total)
@@ -201,7 +202,7 @@ def join_failed_step(params: Sequence[Tensor], penalized: bool, group: dist.Proc
     dtype, device = _wire_dtype(params), params[0].device
     grads = sum(p.numel() for p in params) * (2 if penalized else 1)  # Σ|M|g (and Σ|M|∇R)
     failure = torch.tensor([1, dist.get_rank(group), kind], dtype=dtype).to(device, non_blocking=True)
-    flat = torch.cat([torch.full((grads + 6,), float("nan"), dtype=dtype, device=device), failure,
+    flat = torch.cat([torch.full((grads + _SUMS,), float("nan"), dtype=dtype, device=device), failure,
                       torch.zeros(len(params), dtype=dtype, device=device)])  # 5 sums and |B_r|, failure, used
     dist.all_reduce(flat, group=group)
 
@@ -216,8 +217,8 @@ def rank_draw_generator(generator: torch.Generator, rank: int) -> torch.Generato
     ``get_state()`` is a host tensor for CUDA generators too (seed and offset): reading it does not sync.
     """
     salted = torch.cat([generator.get_state(), torch.tensor(list(rank.to_bytes(8, "little")), dtype=torch.uint8)])
-    derived = torch.Generator(generator.device).manual_seed(host_generator(salted).initial_seed())
-    torch.empty(1, device=generator.device).uniform_(generator=generator)
+    derived = torch.Generator(generator.device).manual_seed(state_seed(salted))
+    advance(generator)
     return derived
 
 

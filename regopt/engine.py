@@ -100,7 +100,8 @@ def peer_failure_message(failed: int, rank_sum: int, kind_sum: int) -> str:
             "the step was not taken on any rank")
 
 
-def _weighted_add(total: list[Tensor] | None, term: list[Tensor], weight: float) -> list[Tensor]:
+def weighted_add(total: list[Tensor] | None, term: list[Tensor], weight: float) -> list[Tensor]:
+    """``total + weight · term`` in place (a new weighted copy of ``term`` when ``total`` is None)."""
     if total is None:
         return torch._foreach_mul(term, weight)
     torch._foreach_add_(total, term, alpha=weight)
@@ -206,15 +207,26 @@ def sample_penalty_subset(count: int, size: int, generator: torch.Generator | No
         order = torch.randperm(count, generator=generator)
     else:
         order = torch.randperm(count, generator=host_generator(generator.get_state()))
-        torch.empty(1, device=generator.device).uniform_(generator=generator)  # advance: no host sync
+        advance(generator)
     return frozenset(order[:size].tolist())
 
 
-def host_generator(state: Tensor) -> torch.Generator:
-    """A CPU generator seeded by a 64-bit hash of a generator's state bytes (deterministic across runs)."""
+def state_seed(state: Tensor) -> int:
+    """A 64-bit hash of a generator's state bytes (deterministic across runs and processes)."""
     # bytes(list) rather than .numpy(): the core depends on torch alone (numpy is optional for torch)
     digest = hashlib.blake2b(bytes(state.cpu().tolist()), digest_size=8).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest, "little"))
+    return int.from_bytes(digest, "little")
+
+
+def host_generator(state: Tensor) -> torch.Generator:
+    """A CPU generator seeded by :func:`state_seed` of a generator's state."""
+    return torch.Generator().manual_seed(state_seed(state))
+
+
+def advance(generator: torch.Generator) -> None:
+    """Move ``generator`` on by one tiny draw on its device (an asynchronous kernel: no host sync), so that
+    a draw seeded from its state next time hashes a different state."""
+    torch.empty(1, device=generator.device).uniform_(generator=generator)
 
 
 def _penalized_subset(penalty: Penalty | None, penalty_micro_batches: int | None, count: int,
@@ -260,10 +272,10 @@ def accumulate(
             penalty_grad_sq_norm = grads.penalty
         else:
             penalty_grad_sq_norm = hvp.squared_norm(grads.penalty_grad)
-            penalty_grad_sum = _weighted_add(penalty_grad_sum, grads.penalty_grad, micro.weight * scale)
+            penalty_grad_sum = weighted_add(penalty_grad_sum, grads.penalty_grad, micro.weight * scale)
         rows.append(torch.stack([out.loss.detach(), grads.penalty, hvp.squared_norm(grads.loss_grad),
                                  penalty_grad_sq_norm]))
-        grad_sum = _weighted_add(grad_sum, grads.loss_grad, micro.weight)
+        grad_sum = weighted_add(grad_sum, grads.loss_grad, micro.weight)
         used = hvp.merge_usage(used, grads.used if grads.used is not None else [True] * len(params))
         del out, grads  # free this micro-batch's graph before the next forward
     terms = torch.stack(rows)
