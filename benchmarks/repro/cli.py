@@ -95,12 +95,13 @@ def check_runtime_options(args: argparse.Namespace) -> None:
         raise SystemExit(f"--time-budget must be a positive number of seconds, got {args.time_budget}")
 
 
-def _output_and_config(args: argparse.Namespace, ctx: Dist) -> tuple[Path, dict[str, Any]]:
-    """--resume: the folder's saved configuration; otherwise the configuration of the options, in a new folder."""
+def _output_and_config(args: argparse.Namespace, ctx: Dist) -> tuple[Path, dict[str, Any], bool]:
+    """--resume: the folder's saved configuration (grown by --methods/--seeds); otherwise the configuration of
+    the options, in a new folder. The flag says whether config.json must be (re)written."""
     if not args.resume:
         config = config_lib.build_config(args)
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        return args.out or Path("results") / config["preset"] / broadcast_object(stamp, ctx), config
+        return args.out or Path("results") / config["preset"] / broadcast_object(stamp, ctx), config, True
     out = args.out
     if out is None:
         candidates = sorted((Path("results") / args.preset).glob("*/config.json"))
@@ -109,7 +110,9 @@ def _output_and_config(args: argparse.Namespace, ctx: Dist) -> tuple[Path, dict[
         out = candidates[-1].parent
     if not (out / "config.json").exists():
         raise SystemExit(f"--resume: {out}/config.json not found")
-    return out, resumed_config(args, json.loads((out / "config.json").read_text())["config"], out)
+    saved = json.loads((out / "config.json").read_text())["config"]
+    config = resumed_config(args, saved, out)
+    return out, config, (config["methods"], config["seeds"]) != (saved["methods"], saved["seeds"])
 
 
 # What --resume takes besides the saved configuration: where and how to run, not what to compute.
@@ -152,11 +155,6 @@ def resumed_config(args: argparse.Namespace, saved: dict[str, Any], out: Path) -
     return config
 
 
-def _saved_runs(out: Path) -> tuple[list[str], int]:
-    saved = json.loads((out / "config.json").read_text())["config"]
-    return saved["methods"], saved["seeds"]
-
-
 def _threads(args: argparse.Namespace, config: dict[str, Any], device: torch.device) -> int | None:
     """Torch CPU threads per run: --threads, else the preset's (CPU), else with --jobs an equal share of the cores."""
     threads = args.threads or (config.get("cpu_threads") if device.type == "cpu" else None)
@@ -180,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     check_runtime_options(args)
     device_kind = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     ctx, device = setup_distributed(device_kind)
-    out, config = _output_and_config(args, ctx)
+    out, config, write_config = _output_and_config(args, ctx)
     config["device"] = device_kind
     threads = _threads(args, config, device)
     if threads:
@@ -191,7 +189,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     config["device_name"] = env["device_name"]
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        if not args.resume or _saved_runs(out) != (config["methods"], config["seeds"]):
+        if write_config:
             report.write_json(out / "config.json", {"config": config, "environment": env})
         print(f"preset {config['preset']}: {config.get('description', '')}\n"
               f"data {data.name}: {config['data_source']}: train {len(data.train)}, held-out {len(data.heldout)}, "
