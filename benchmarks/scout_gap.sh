@@ -13,7 +13,9 @@
 #   wide       widths 32-64-128
 #   train5000  the first 5,000 training images
 # Every setting runs its own reproduce.py with --jobs (JOBS_<name> or the default below) at the same time as
-# the others, all under --time-budget; an existing folder is resumed. --smoke: tiny sizes on the CPU.
+# the others, all under --time-budget; an existing folder is resumed (--seeds may grow it). JOBS_OVERRIDE=N gives
+# every setting N jobs. The data: Fashion-MNIST wherever benchmarks/data.py finds it (e.g. REGOPT_DATA=folder).
+# --smoke: tiny sizes on the CPU (64 training images are enough), to check the script; |B| is then 16 everywhere.
 set -u
 OUT="" DEVICE="" SEEDS=4 FIRST=0 BUDGET=420 SMOKE=0 ONLY=()
 while [ $# -gt 0 ]; do
@@ -48,8 +50,8 @@ NAMES=(k32 steps6000 wide base train5000)  # the longest first
 COMMON=(--preset fmnist --methods SB LB --seeds "$SEEDS" --first-seed "$FIRST" --time-budget "$BUDGET" --no-progress)
 [ -n "$DEVICE" ] && COMMON+=(--device "$DEVICE")
 if [ "$SMOKE" = 1 ]; then  # after the setting's own options, so these win (argparse keeps the last)
-  SMOKE_ARGS=(--device cpu --threads 1 --steps 4 --eval-every 2 --eval-size 64 --test-size 64 --bn-recalibrate 1
-              --train-size 512 --heldout-size 256 --batch-size 64 --micro-batch-size 16)
+  SMOKE_ARGS=(--device cpu --threads 1 --steps 4 --eval-every 2 --eval-size 0 --test-size 0 --bn-recalibrate 2
+              --train-size 48 --heldout-size 16 --batch-size 16 --micro-batch-size 4)
 else
   SMOKE_ARGS=()
 fi
