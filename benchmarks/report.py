@@ -92,6 +92,20 @@ def fmt_mean_std(values: Iterable[float | None], scale: float = 1.0, digits: int
     return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
 
 
+# Images in each dataset's held-out and test splits when the config does not cap them (benchmarks/data.py).
+_SPLIT_IMAGES = {"fashion-mnist": 10_000, "fashion-mnist-subset": 2_000, "cifar10": 10_000, "cifar100": 10_000}
+
+
+def evaluation_images(config: Mapping[str, Any], split: str) -> int | None:
+    """How many images each ``split`` ("heldout" or "test") evaluation scored: the config's cap, or the whole
+    split of a known dataset; None when neither is known (a synthetic dataset)."""
+    cap = config.get("test_size") if split == "test" else (config.get("eval_size") or config.get("heldout_size"))
+    whole = _SPLIT_IMAGES.get(str(config.get("dataset")))
+    if cap:
+        return min(int(cap), whole) if whole else int(cap)
+    return whole
+
+
 def method_order(methods: Iterable[str], preferred: Sequence[str] = ()) -> list[str]:
     seen = list(dict.fromkeys(methods))
     return [m for m in preferred if m in seen] + [m for m in seen if m not in preferred]
@@ -212,7 +226,7 @@ def _interval_text(interval: Interval | None) -> str:
 
 
 def gap_section(by_method: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[str]:
-    """How much of the SB−LB test-accuracy gap each method closes (claims 1 and 2 of SPEC.md), with 95% intervals
+    """How much of the SB−LB test-accuracy gap each method closes (claims 1 and 2 of docs/method.md), with 95% intervals
     over seeds (paired by seed) once there are two seeds or more."""
     if "SB" not in by_method or "LB" not in by_method:
         return []

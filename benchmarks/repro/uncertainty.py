@@ -105,3 +105,57 @@ def closed_fraction(acc: float, lb: float, sb: float) -> float:
     if not all(map(math.isfinite, (acc, lb, sb))) or gap <= 0:
         return math.nan
     return (acc - lb) / gap
+
+
+def evaluation_se(acc_a: float, acc_b: float, images: int) -> float:
+    """Binomial standard error of the difference of two accuracies each measured on ``images`` images:
+
+        sqrt((a(1 − a) + b(1 − b)) / N)
+
+    It is the bound for independent errors; two models scored on the same images err together more often than
+    that, so it overstates the noise of a paired difference (a conservative choice: per-image predictions, which a
+    McNemar standard error would need, are not recorded)."""
+    if images <= 0:
+        raise ValueError(f"images must be positive, got {images}")
+    return math.sqrt((acc_a * (1 - acc_a) + acc_b * (1 - acc_b)) / images)
+
+
+def seed_and_evaluation_interval(differences: Iterable[float], eval_se: float,
+                                 confidence: float = 0.95) -> Interval | None:
+    """The paired interval over seeds widened by the evaluation set's sampling error:
+
+        mean(d) ± t_{(1+c)/2, ν} · sqrt(v_s + v_e),   v_s = s_d² / n,  v_e = eval_se²,
+        ν = (v_s + v_e)² (n − 1) / v_s²               (Welch–Satterthwaite; v_e is known, not estimated)
+
+    Every seed is scored on the same images, so their sampling error does not average out over seeds: it enters
+    once, in full (``eval_se`` from :func:`evaluation_se`). ν is rounded down and capped at 1000 (t then differs
+    from the normal quantile in the third decimal). None with fewer than two differences."""
+    d = list(differences)
+    if len(d) < 2:
+        return None
+    std = statistics.stdev(d)
+    v_seeds, v_eval = std * std / len(d), eval_se * eval_se
+    df = 1000 if v_seeds == 0 else min(1000, int((v_seeds + v_eval) ** 2 * (len(d) - 1) / v_seeds ** 2))
+    half = t_quantile(confidence, df) * math.sqrt(v_seeds + v_eval)
+    half = max(half, t_quantile(confidence, len(d) - 1) * math.sqrt(v_seeds))  # never narrower than seeds alone
+    return Interval(statistics.fmean(d), std, len(d), half, confidence)
+
+
+def _normal_cdf(x: float) -> float:
+    return 0.5 * (1 + math.erf(x / math.sqrt(2)))
+
+
+def paired_t_power(effect: float, sd: float, seeds: int, confidence: float = 0.95) -> float:
+    """Approximate power of the two-sided paired t test at level 1 − ``confidence`` to detect a mean difference
+    ``effect`` when per-seed differences have standard deviation ``sd``: Φ(effect·√n/sd − t_{(1+c)/2, n−1})."""
+    if seeds < 2 or sd <= 0:
+        raise ValueError(f"need seeds >= 2 and sd > 0, got {seeds}, {sd}")
+    return _normal_cdf(abs(effect) * math.sqrt(seeds) / sd - t_quantile(confidence, seeds - 1))
+
+
+def seeds_needed(effect: float, sd: float, power: float = 0.8, confidence: float = 0.95, limit: int = 1000) -> int:
+    """The fewest seeds (>= 2) whose paired t test reaches ``power`` for ``effect`` (see :func:`paired_t_power`)."""
+    for seeds in range(2, limit + 1):
+        if paired_t_power(effect, sd, seeds, confidence) >= power:
+            return seeds
+    raise ValueError(f"more than {limit} seeds needed for effect {effect} at sd {sd}")
