@@ -15,6 +15,11 @@ after ``sgd.zero_grad()``, then ``sgd.step()``: a parameter that no backward rea
 that minimize, − for those with ``maximize=True`` (SGD then ascends L − λR). Grafting instead
 rescales the accumulated G = Σ_j w_j g_j to length s and steps. Random draws happen in the
 same order as in the fast path: per micro-batch, after its forward pass, from ``generator``.
+
+With ``penalty_micro_batches`` m < k, S = the first m of ``torch.randperm(k, generator=generator)``
+(drawn before the loop; a CPU generator or None) and only j ∈ S get the penalty, weighted by k/m:
+(w_j · (L_j ± (k/m) λ R_j)).backward(); j ∉ S still makes its draw (FT labels, UJ direction) and
+backpropagates w_j · L_j alone.
 """
 
 from __future__ import annotations
@@ -51,12 +56,36 @@ def _micro_batches(batch, micro_batch_size):
     return size, [(tuple(v[i:i + micro_batch_size] for v in batch), {}) for i in range(0, size, micro_batch_size)]
 
 
+def _penalty_draw(regularizer, logits, generator):
+    """The micro-batch's random draw: FT's labels ŷ ~ softmax(logits), UJ's u = z/‖z‖ (None for the others)."""
+    if regularizer == "fisher_trace":
+        probs = torch.softmax(logits.detach().float(), dim=1)
+        probs = torch.where(probs.isfinite().all(dim=1, keepdim=True), probs, 1.0 / probs.shape[1])
+        return torch.multinomial(probs, 1, generator=generator).squeeze(1)  # = penalties.sample_categorical's draw
+    if regularizer == "unit_jacobian":
+        dtype = torch.promote_types(logits.dtype, torch.float32)  # u in float32 at least
+        z = torch.randn(logits.shape[1], generator=generator, device=logits.device, dtype=dtype)
+        return z / torch.linalg.vector_norm(z)
+    return None
+
+
+def _penalty_scalar(regularizer, loss, logits, draw):
+    """S_j: L_j | CE(logits, ŷ) | Σ_c mean logits | uᵀ mean logits."""
+    if regularizer == "grad_norm":
+        return loss
+    if regularizer == "fisher_trace":
+        return F.cross_entropy(logits, draw)
+    if regularizer == "average_jacobian":
+        return logits.mean(dim=0).sum()
+    return logits.mean(dim=0, dtype=draw.dtype) @ draw
+
+
 def step(sgd, closure, batch, *, micro_batch_size, regularizer="none", penalty=0.0, generator=None,
-         graft=None, graft_norm=None):
+         graft=None, graft_norm=None, penalty_micro_batches=None):
     """One step of ``sgd`` (a torch.optim.SGD) on ``batch``; returns ReferenceStats.
 
     ``regularizer`` is one of REGULARIZERS; ``graft`` is None, "iterative", "external" (with
-    ``graft_norm`` = s) or "normalized".
+    ``graft_norm`` = s) or "normalized"; ``penalty_micro_batches`` is m or None (see the module docstring).
     """
     assert regularizer in REGULARIZERS
     params = [p for group in sgd.param_groups for p in group["params"] if p.requires_grad]
@@ -65,7 +94,12 @@ def step(sgd, closure, batch, *, micro_batch_size, regularizer="none", penalty=0
     size, micro_batches = _micro_batches(batch, micro_batch_size)
     losses, penalties, grad_sq_norms, grad_norms = [], [], [], []
     large_batch_grad = [torch.zeros_like(p) for p in params]  # G = Σ_j w_j g_j
-    for args, kwargs in micro_batches:
+    k = len(micro_batches)
+    sampled, thinning = set(range(k)), 1.0
+    if regularizer != "none" and penalty_micro_batches is not None and penalty_micro_batches < k:
+        sampled = set(torch.randperm(k, generator=generator)[:penalty_micro_batches].tolist())
+        thinning = k / penalty_micro_batches
+    for j, (args, kwargs) in enumerate(micro_batches):
         n = (args[0] if args else next(iter(kwargs.values()))).shape[0]
         w = n / size
         out = closure(*args, **kwargs)
@@ -79,36 +113,24 @@ def step(sgd, closure, batch, *, micro_batch_size, regularizer="none", penalty=0
         for G_p, g_p in zip(large_batch_grad, g):
             G_p += w * g_p.detach()
 
-        if regularizer == "none":
+        draw = _penalty_draw(regularizer, logits, generator)
+        if regularizer == "none" or j not in sampled:
             penalties.append(0.0)
             (w * loss).backward()
             continue
-        if regularizer == "grad_norm":
-            s = loss
-        elif regularizer == "fisher_trace":
-            probs = torch.softmax(logits.detach().float(), dim=1)
-            probs = torch.where(probs.isfinite().all(dim=1, keepdim=True), probs, 1.0 / probs.shape[1])
-            labels = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # = penalties.sample_categorical's draw
-            s = F.cross_entropy(logits, labels)
-        elif regularizer == "average_jacobian":
-            s = logits.mean(dim=0).sum()
-        else:
-            dtype = torch.promote_types(logits.dtype, torch.float32)  # u in float32 at least
-            z = torch.randn(logits.shape[1], generator=generator, device=logits.device, dtype=dtype)
-            u = z / torch.linalg.vector_norm(z)
-            s = logits.mean(dim=0, dtype=dtype) @ u
+        s = _penalty_scalar(regularizer, loss, logits, draw)
         v = torch.autograd.grad(s, params, create_graph=True, allow_unused=True, materialize_grads=True)
         r = sum((vp ** 2).sum() for vp in v)
         penalties.append(float(r.detach()))
         if not maximizing:
-            (w * (loss + penalty * r)).backward()
+            (w * (loss + thinning * penalty * r)).backward()
             continue
         (w * loss).backward(retain_graph=True)
         r_grads = torch.autograd.grad(r, params, allow_unused=True) if r.requires_grad else [None] * len(params)
         for p, r_grad in zip(params, r_grads):
             if r_grad is not None:
                 sign = -1.0 if any(p is q for q in maximizing) else 1.0
-                term = sign * penalty * w * r_grad
+                term = sign * thinning * penalty * w * r_grad
                 p.grad = term if p.grad is None else p.grad + term
 
     weights = [(args[0] if args else next(iter(kwargs.values()))).shape[0] / size for args, kwargs in micro_batches]
@@ -122,7 +144,7 @@ def step(sgd, closure, batch, *, micro_batch_size, regularizer="none", penalty=0
     sgd.step()
     return ReferenceStats(
         loss=sum(w * x for w, x in zip(weights, losses)),
-        penalty=sum(w * x for w, x in zip(weights, penalties)),
+        penalty=thinning * sum(w * x for w, x in zip(weights, penalties)),  # R_j = 0 for j ∉ S
         micro_grad_sq_norm=sum(w * x for w, x in zip(weights, grad_sq_norms)),
         grad_norm=grad_norm,
         num_micro_batches=len(micro_batches),
