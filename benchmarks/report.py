@@ -11,6 +11,7 @@ import argparse
 import csv
 import json
 import math
+import re
 import statistics
 import sys
 from collections import defaultdict
@@ -21,7 +22,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.repro.uncertainty import Interval, closed_fraction, mean_interval, paired_differences  # noqa: E402
+from benchmarks.repro.uncertainty import Comparison, Interval, closed_fraction, compare  # noqa: E402
 
 METRIC_FIELDS = ("method", "seed", "step", "epoch", "train_loss", "heldout_acc", "micro_grad_sq_norm", "penalty",
                  "lr", "wall_s")
@@ -134,14 +135,13 @@ def grad_norm_phases(rows: Sequence[Mapping[str, Any]], steps: int, fraction: fl
 # -- summary.md -----------------------------------------------------------------------------------
 def summary_markdown(rows: Sequence[Mapping[str, Any]], results: Sequence[Mapping[str, Any]],
                      config: Mapping[str, Any]) -> str:
-    """The summary table (one row per method, mean ± std over seeds) and the gap analysis."""
+    """What the run shows (generated from its intervals), the per-method table, the gap and the mechanism."""
     methods = method_order([r["method"] for r in results], config.get("methods", ()))
     steps = int(config.get("steps", max([r["step"] for r in rows], default=1)))
-    phases = grad_norm_phases(rows, steps)
-    paper = config.get("paper_test_acc") or {}
     by_method: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
     for r in results:
         by_method[r["method"]].append(r)
+    by_method = {m: by_method[m] for m in methods}
     seeds = sorted({int(r["seed"]) for r in results})
 
     lines = [f"# Reproduction summary: preset `{config.get('preset', '?')}`", ""]
@@ -154,19 +154,31 @@ def summary_markdown(rows: Sequence[Mapping[str, Any]], results: Sequence[Mappin
         desc += f" Data source: {config['data_source']}."
     lines += [desc, ""]
     lines += _partial_note(results, config)
-    lines.append("Accuracies in %, mean ± std over seeds. Test accuracy is that of the checkpoint with the best "
-                 "held-out accuracy. ‖g‖² is the average micro-batch squared gradient norm Σ_j w_j ‖g_j‖² "
-                 "(for SB: ‖g‖² of its own batch of |M|), averaged over the first (early) and last (late) 10% "
-                 "of the steps.")
-    lines.append("")
+    mechanism = mechanism_rows(rows, by_method, steps)
+    gap = _comparison(by_method.get("SB"), by_method.get("LB"), "test_acc", evaluation_images(config, "test"))
+    lines += ["## What this run shows", ""] + _lead(mechanism, gap, config) + [""]
+    lines += _results_table(rows, by_method, config, steps) + [""]
+    lines += gap_section(by_method, config, rows) + [""]
+    lines += mechanism_section(mechanism, config) + [""]
+    return "\n".join(lines)
+
+
+def _results_table(rows: Sequence[Mapping[str, Any]], by_method: Mapping[str, Sequence[Mapping[str, Any]]],
+                   config: Mapping[str, Any], steps: int) -> list[str]:
+    """One row per method, mean ± std over seeds."""
+    phases = grad_norm_phases(rows, steps)
+    paper = config.get("paper_test_acc") or {}
+    lines = ["Accuracies in %, mean ± std over seeds. Test accuracy is that of the checkpoint with the best "
+             "held-out accuracy (selection on held-out data only). ‖g‖² is the average micro-batch squared gradient "
+             "norm Σ_j w_j ‖g_j‖² (for SB: ‖g‖² of its own batch of |M|), averaged over the first (early) and last "
+             "(late) 10% of the steps.", ""]
     header = ["method", "lr", f"λ (∇R {config.get('grad_method', '?')})", "best held-out", "final held-out", "test"]
     if paper:
         header.append("paper test")
     header += ["‖g‖² early", "‖g‖² late", "steps", "epochs", "wall s"]
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "---|" * len(header))
-    for m in methods:
-        rs = by_method[m]
+    for m, rs in by_method.items():
         hp = config.get("resolved", {}).get(m, {})
         lr = rs[0].get("lr", hp.get("lr"))  # NGD's lr is only known once SB has run
         cells = [f"`{m}`", _num(lr), _num(hp.get("penalty")),
@@ -185,8 +197,7 @@ def summary_markdown(rows: Sequence[Mapping[str, Any]], results: Sequence[Mappin
         if diverged:
             cells[0] += " (diverged: " + ", ".join(f"seed {r['seed']} at step {r['diverged_at']}" for r in diverged) + ")"
         lines.append("| " + " | ".join(cells) + " |")
-    lines += [""] + gap_section(by_method) + [""]
-    return "\n".join(lines)
+    return lines
 
 
 def _epochs(value: float) -> str:
@@ -225,88 +236,226 @@ def _interval_text(interval: Interval | None) -> str:
     return f"[{_points(interval.low)}, {_points(interval.high)}]"
 
 
-def gap_section(by_method: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[str]:
-    """How much of the SB−LB test-accuracy gap each method closes (claims 1 and 2 of docs/method.md), with 95% intervals
-    over seeds (paired by seed) once there are two seeds or more."""
+def _comparison(a_runs: Sequence[Mapping[str, Any]] | None, b_runs: Sequence[Mapping[str, Any]] | None, key: str,
+                images: int | None) -> Comparison | None:
+    """a − b in ``key``, paired by seed (None with fewer than two common seeds or a missing method)."""
+    if not a_runs or not b_runs:
+        return None
+    return compare(_by_seed(a_runs, key), _by_seed(b_runs, key), images)
+
+
+def _comparison_cell(comp: Comparison | None, a_runs: Sequence[Mapping[str, Any]],
+                     b_runs: Sequence[Mapping[str, Any]], key: str) -> str:
+    """'mean [over seeds] / [with evaluation noise]' in points, or the plain difference of means for one seed."""
+    if comp is None:
+        a, _, _ = mean_std(r.get(key) for r in a_runs)
+        b, _, _ = mean_std(r.get(key) for r in b_runs)
+        return _points(a - b) if math.isfinite(a - b) else "—"
+    wide = f" / {_interval_text(comp.with_evaluation)}" if comp.with_evaluation is not None else ""
+    return f"{_points(comp.seeds.mean)} {_interval_text(comp.seeds)}{wide}"
+
+
+LAST_EVALUATIONS = 10
+FULL_RESULTS = "benchmarks/RESULTS_fmnist.md"
+MEASURES = (("test_acc", "test accuracy at the best-held-out checkpoint", "test"),
+            ("last_heldout_acc", f"held-out accuracy, mean of the last {LAST_EVALUATIONS} evaluations", "heldout"))
+INTERVALS_NOTE = ("Intervals (95%), in points, of the per-seed paired differences: first over seeds alone "
+                  "(mean ± t·s/√n, Student t with n − 1 degrees of freedom), then widened by the evaluation "
+                  "images' binomial sampling error, which does not average out over seeds scored on the same "
+                  "images (an upper bound for a paired difference; Welch–Satterthwaite degrees of freedom). Words "
+                  "are generated from them: a method \"closes the gap\" only when SB − LB and the method − LB "
+                  "interval over seeds both lie above zero; \"not distinguishable\" when an interval includes zero.")
+
+
+def last_heldout_mean(rows: Sequence[Mapping[str, Any]], method: str, seed: int,
+                      last: int = LAST_EVALUATIONS) -> float:
+    """Mean held-out accuracy of the run's last ``last`` logged evaluations (finite values only)."""
+    run = sorted((r for r in rows if r["method"] == method and int(r["seed"]) == seed), key=lambda r: r["step"])
+    values = _finite(r["heldout_acc"] for r in run)[-last:]
+    return statistics.fmean(values) if values else math.nan
+
+
+def _with_last_heldout(by_method: Mapping[str, Sequence[Mapping[str, Any]]],
+                       rows: Sequence[Mapping[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    return {m: [dict(r, last_heldout_acc=last_heldout_mean(rows, m, int(r["seed"]))) for r in rs]
+            for m, rs in by_method.items()}
+
+
+def gap_section(by_method: Mapping[str, Sequence[Mapping[str, Any]]], config: Mapping[str, Any] | None = None,
+                rows: Sequence[Mapping[str, Any]] = ()) -> list[str]:
+    """SB − LB (claim 1 of SPEC.md) and every other method against both (claim 2), in test accuracy at the
+    best-held-out checkpoint and (with logged rows) in the mean of the last held-out evaluations."""
+    config = config or {}
     if "SB" not in by_method or "LB" not in by_method:
         return []
-    key = "test_acc"
-    sb, sb_std, n = mean_std(r[key] for r in by_method["SB"])
-    lb, lb_std, _ = mean_std(r[key] for r in by_method["LB"])
+    sb, sb_std, n = mean_std(r["test_acc"] for r in by_method["SB"])
+    lb, lb_std, _ = mean_std(r["test_acc"] for r in by_method["LB"])
     if not (math.isfinite(sb) and math.isfinite(lb)):
         return ["## Large-batch gap", "", "SB or LB has no finite test accuracy: no gap to analyse."]
-    gap = sb - lb
-    lines = ["## Large-batch gap", ""]
-    lines.append(f"SB − LB test accuracy: {_points(gap)} points (SB {100 * sb:.2f}, LB {100 * lb:.2f}; "
-                 f"seed std SB {100 * sb_std:.2f}, LB {100 * lb_std:.2f}; {n} seed(s)).")
-    paired = mean_interval(paired_differences(_by_seed(by_method["SB"]), _by_seed(by_method["LB"])))
-    if paired is not None:
-        lines.append(_gap_interval_sentence(paired))
-    if gap <= 0:
-        lines.append("**No large-batch gap in this run** (LB is not worse than SB), so the closing fractions "
-                     "below are not meaningful.")
-    elif paired is None and (n < 2 or gap <= 2 * max(sb_std, lb_std)):
-        lines.append("The gap is not clearly above the seed-to-seed spread (or there is a single seed): "
-                     "treat the fractions below as indicative only.")
-    others = {m: rs for m, rs in by_method.items() if m not in ("SB", "LB")}
-    if not others:
-        return lines
-    return lines + [""] + _method_table(others, by_method["SB"], by_method["LB"], sb, lb, paired is not None)
+    runs = _with_last_heldout(by_method, rows)
+    measures = MEASURES if rows else MEASURES[:1]
+    lines = ["## Large-batch gap", "",
+             f"SB − LB test accuracy: {_points(sb - lb)} points (SB {100 * sb:.2f}, LB {100 * lb:.2f}; seed std SB "
+             f"{100 * sb_std:.2f}, LB {100 * lb_std:.2f}; {n} seed(s)).", ""]
+    levels = []
+    for key, label, split in measures:
+        comp = _comparison(runs["SB"], runs["LB"], key, evaluation_images(config, split))
+        levels.append(comp.level if comp is not None else 0)
+        lines.append("- " + gap_sentence(comp, label))
+    lines += _held_out_choices(by_method)
+    others = [m for m in runs if m not in ("SB", "LB")]
+    for (key, label, split), level in zip(measures, levels):
+        if others:
+            lines += ["", f"### Each method against LB and SB: {label}", ""]
+            lines += _method_table(others, runs, key, evaluation_images(config, split), level)
+    return lines + ["", INTERVALS_NOTE]
 
 
-def _gap_interval_sentence(paired: Interval) -> str:
-    level = f"{100 * paired.confidence:.0f}%"
-    text = (f"Paired by seed (same initialization and batches), SB − LB is {_points(paired.mean)} points, {level} "
-            f"interval {_interval_text(paired)} (mean ± t·s/√n over n = {paired.n} seeds, Student t with n − 1 "
-            "degrees of freedom). ")
-    if paired.includes_zero:
-        return text + (f"**The interval includes zero: these {paired.n} seeds do not establish a large-batch gap**, "
-                       "so neither do the closing fractions below.")
-    return text + "The interval excludes zero: these seeds establish the gap."
+def gap_sentence(comp: Comparison | None, label: str) -> str:
+    """SB − LB in one measure and what its intervals allow to be said, in words fixed by the interval's level."""
+    if comp is None:
+        return f"SB − LB, {label}: one seed, no interval: **a single seed cannot establish a large-batch gap**."
+    n = comp.seeds.n
+    wide = (f", widened by evaluation noise {_interval_text(comp.with_evaluation)}"
+            if comp.with_evaluation is not None else "")
+    text = f"SB − LB, {label}: {_points(comp.seeds.mean)} points, over {n} seeds {_interval_text(comp.seeds)}{wide}. "
+    words = {
+        2: "**SB is better than LB: the gap is established** (both intervals lie above zero).",
+        1: ("**SB is better than LB over these seeds**, but not beyond the evaluation images' sampling error "
+            "(the widened interval includes zero, or the number of images is unknown)."),
+        0: f"**Not distinguishable: these {n} seeds do not establish a large-batch gap.**",
+        -1: "**LB is better than SB here: there is no large-batch gap to close.**",
+        -2: "**LB is better than SB here: there is no large-batch gap to close.**",
+    }
+    return text + words[comp.level]
 
 
-def _method_table(others: Mapping[str, Sequence[Mapping[str, Any]]], sb_runs: Sequence[Mapping[str, Any]],
-                  lb_runs: Sequence[Mapping[str, Any]], sb: float, lb: float, with_intervals: bool) -> list[str]:
-    """One row per method: its distance to LB (and to SB), the fraction of the gap it closes; intervals if asked."""
-    if with_intervals:
-        lines = ["| method | test − LB (points) | 95% interval | SB − test (points) | 95% interval | seeds | "
-                 "fraction of the gap closed |", "|---|---|---|---|---|---|---|"]
-    else:
-        lines = ["| method | test − LB (points) | fraction of the gap closed |", "|---|---|---|"]
-    notes = []
-    for m, rs in others.items():
-        acc, _, k = mean_std(r["test_acc"] for r in rs)
-        if k == 0:
-            lines.append(f"| `{m}` | — |" + " — |" * (5 if with_intervals else 1))
+def _family(method: str) -> str:
+    return re.split(r"[@-]", method, maxsplit=1)[0]
+
+
+def _held_out_choices(by_method: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[str]:
+    """For a method run at several settings (λ, subsampling, |M|): the one held-out accuracy picks."""
+    families: dict[str, list[str]] = defaultdict(list)
+    for m in by_method:
+        if m not in ("SB", "LB"):
+            families[_family(m)].append(m)
+    lines = []
+    for family, names in families.items():
+        if len(names) < 2:
             continue
-        frac = closed_fraction(acc, lb, sb)
-        frac_text = f"{frac:.2f}" if math.isfinite(frac) else "—"
-        if not with_intervals:
-            lines.append(f"| `{m}` | {_points(acc - lb)} | {frac_text} |")
-            continue
-        over_lb = mean_interval(paired_differences(_by_seed(rs), _by_seed(lb_runs)))
-        below_sb = mean_interval(paired_differences(_by_seed(sb_runs), _by_seed(rs)))
-        seeds = over_lb.n if over_lb is not None else k
-        lines.append(f"| `{m}` | {_points(acc - lb)} | {_interval_text(over_lb)} | {_points(sb - acc)} | "
-                     f"{_interval_text(below_sb)} | {seeds} | {frac_text} |")
-        notes += _zero_notes(m, over_lb, below_sb)
-    if with_intervals:
-        lines += ["", "Intervals: 95%, of the per-seed paired differences (test − LB, SB − test), "
-                      "mean ± t·s/√n over the n seeds both runs have."]
-        lines += notes or ["No method's interval includes zero."]
+        score = {m: mean_std(r["best_heldout_acc"] for r in by_method[m])[0] for m in names}
+        best = max(names, key=lambda m: score[m] if math.isfinite(score[m]) else -math.inf)
+        lines.append(f"- Selection rule: among the {family} variants ({', '.join(f'`{m}`' for m in names)}) the best "
+                     f"mean best-held-out accuracy picks `{best}` ({100 * score[best]:.2f}%); quote its test accuracy, "
+                     "not the highest test accuracy (that would select on the test set).")
     return lines
 
 
-def _zero_notes(method: str, over_lb: Interval | None, below_sb: Interval | None) -> list[str]:
-    """Plain sentences for the intervals that include zero (and for methods with too few seeds for one)."""
+def _method_table(others: Sequence[str], runs: Mapping[str, Sequence[Mapping[str, Any]]], key: str,
+                  images: int | None, gap_level: int) -> list[str]:
+    """One row per method: method − LB and SB − method with their intervals, the fraction closed, the verdict."""
+    lines = ["| method | method − LB | SB − method | seeds | fraction of the gap closed | verdict |",
+             "|---|---|---|---|---|---|"]
+    sb = mean_std(r.get(key) for r in runs["SB"])[0]
+    lb = mean_std(r.get(key) for r in runs["LB"])[0]
+    for m in others:
+        acc, _, k = mean_std(r.get(key) for r in runs[m])
+        if k == 0:
+            lines.append(f"| `{m}` | — | — | 0 | — | no finite value |")
+            continue
+        over_lb = _comparison(runs[m], runs["LB"], key, images)
+        below_sb = _comparison(runs["SB"], runs[m], key, images)
+        frac = closed_fraction(acc, lb, sb) if gap_level >= 1 else math.nan
+        seeds = over_lb.seeds.n if over_lb is not None else k
+        lines.append(f"| `{m}` | {_comparison_cell(over_lb, runs[m], runs['LB'], key)} | "
+                     f"{_comparison_cell(below_sb, runs['SB'], runs[m], key)} | {seeds} | "
+                     f"{f'{frac:.2f}' if math.isfinite(frac) else '—'} | {method_verdict(over_lb, below_sb, gap_level)} |")
+    return lines
+
+
+def method_verdict(over_lb: Comparison | None, below_sb: Comparison | None, gap_level: int) -> str:
+    """Words for one method from the levels of (method − LB) and (SB − method) and of the SB − LB gap."""
     if over_lb is None or below_sb is None:
-        return [f"- `{method}`: fewer than two seeds paired with SB and LB, no interval."]
-    said = []
-    if over_lb.includes_zero:
-        said.append("its difference to LB includes zero (these seeds do not show it better than LB)")
-    if below_sb.includes_zero:
-        said.append("its difference to SB includes zero (these seeds do not show it worse than SB)")
-    return [f"- `{method}`: " + "; ".join(said) + "."] if said else []
+        return "one seed: no verdict"
+    if over_lb.level < 0:
+        return "below LB"
+    if over_lb.level == 0:
+        return "not distinguishable from LB" + (", below SB" if below_sb.level > 0 else "")
+    if gap_level < 1:
+        return "above LB, but no established gap to close"
+    noise = "" if over_lb.level == 2 else " (over these seeds, within evaluation noise)"
+    if below_sb.level > 0:
+        return "closes part of the gap" + noise
+    return ("above SB" if below_sb.level < 0 else "closes the gap") + noise
+
+
+def mechanism_rows(rows: Sequence[Mapping[str, Any]], by_method: Mapping[str, Sequence[Mapping[str, Any]]],
+                   steps: int, fraction: float = 0.25) -> dict[str, dict[int, float]]:
+    """Per method and seed: the mean logged micro_grad_sq_norm from the second evaluation to ``fraction`` of the
+    steps (the first is the initial transient; later LB fits its training data and every norm collapses); the
+    second logged row alone when that window is empty."""
+    out: dict[str, dict[int, float]] = {}
+    for m, rs in by_method.items():
+        for seed in sorted(int(r["seed"]) for r in rs):
+            run = sorted((r for r in rows if r["method"] == m and int(r["seed"]) == seed), key=lambda r: r["step"])
+            run = [r for r in run if _finite([r["micro_grad_sq_norm"]])]
+            window = [r for r in run[1:] if r["step"] <= fraction * steps] or run[1:2] or run[:1]
+            if window:
+                out.setdefault(m, {})[seed] = statistics.fmean(float(r["micro_grad_sq_norm"]) for r in window)
+    return out
+
+
+def _lower_on(a: Mapping[int, float], b: Mapping[int, float]) -> tuple[int, int]:
+    """(seeds where a < b, seeds both have)."""
+    common = sorted(set(a) & set(b))
+    return sum(a[s] < b[s] for s in common), len(common)
+
+
+def mechanism_section(mechanism: Mapping[str, Mapping[int, float]], config: Mapping[str, Any]) -> list[str]:
+    """The table of the early average micro-batch ‖g‖² per method, against LB."""
+    if not mechanism:
+        return []
+    lb = mechanism.get("LB", {})
+    lb_mean = statistics.fmean(lb.values()) if lb else math.nan
+    lines = ["## The mechanism: average micro-batch ‖g‖² from the second evaluation to a quarter of the steps", "",
+             "| method | λ | mean ‖g‖² | × LB | seeds below LB |", "|---|---|---|---|---|"]
+    for m, per_seed in mechanism.items():
+        value = statistics.fmean(per_seed.values())
+        below, n = _lower_on(per_seed, lb) if m != "LB" and lb else (0, 0)
+        lines.append(f"| `{m}` | {_num(config.get('resolved', {}).get(m, {}).get('penalty'))} | {value:.3g} | "
+                     f"{value / lb_mean:.2f} | {f'{below} of {n}' if n else '—'} |")
+    return lines
+
+
+def _lead(mechanism: Mapping[str, Mapping[int, float]], gap: Comparison | None, config: Mapping[str, Any]) -> list[str]:
+    """Three generated lines: LB's ‖g‖² against SB's, how each penalty moves it, and what accuracy can say."""
+    lines = []
+    sb, lb = mechanism.get("SB"), mechanism.get("LB")
+    if sb and lb:
+        above, n = _lower_on(sb, lb)
+        lb_mean, sb_mean = statistics.fmean(lb.values()), statistics.fmean(sb.values())
+        shows = "as the paper's mechanism needs" if above == n and lb_mean > sb_mean else "not consistently"
+        lines.append(f"- From the second evaluation to a quarter of the steps LB's average micro-batch ‖g‖² is {lb_mean:.3g}, "
+                     f"{lb_mean / sb_mean:.2f}× SB's {sb_mean:.3g}: higher on {above} of {n} seeds ({shows}).")
+    moved = []
+    for m, per_seed in mechanism.items():
+        penalty = config.get("resolved", {}).get(m, {}).get("penalty")
+        if penalty and lb:
+            value, lb_mean = statistics.fmean(per_seed.values()), statistics.fmean(lb.values())
+            below, n = _lower_on(per_seed, lb)
+            moved.append(f"`{m}`{'' if 'λ' in m else f' (λ = {penalty:g})'} {value:.3g}, {100 * (value / lb_mean - 1):+.0f}% against LB, "
+                         f"lower on {below} of {n} seeds")
+    if moved:
+        lines.append("- The penalties move it: " + "; ".join(moved) + ".")
+    if gap is not None and gap.level >= 1:
+        lines.append("- Accuracy: SB beats LB in test accuracy " + ("beyond seed and evaluation noise (below)."
+                     if gap.level == 2 else "over these seeds, within the test images' sampling error (below)."))
+    else:
+        lines.append(f"- Accuracy: this run does not establish a large-batch gap ({len(sb or {})} seed(s), "
+                     f"{config.get('steps')} steps). Measuring it takes longer training and several seeds "
+                     f"(`--preset fmnist-5k` or `fmnist`); the committed runs and their verdict are in {FULL_RESULTS}.")
+    return lines
 
 
 def write_summary(path: str | Path, rows: Sequence[Mapping[str, Any]], results: Sequence[Mapping[str, Any]],
@@ -321,56 +470,98 @@ def _write_text_atomic(path: Path, text: str) -> None:
 
 
 # -- curves.png -----------------------------------------------------------------------------------
+# One colour family per method family, so variants (λ, subsampling, |M|) of one penalty read as a group.
+_FAMILY_COLOURS = {"SB": "Greys", "LB": "Reds", "GN": "Blues", "FT": "Greens", "AJ": "Purples", "UJ": "Oranges",
+                   "GRAFT": "YlOrBr", "NGD": "PuRd"}
+
+
+def method_label(method: str, config: Mapping[str, Any]) -> str:
+    """The legend's name: the method with its λ when the name does not already carry it."""
+    penalty = config.get("resolved", {}).get(method, {}).get("penalty")
+    if penalty is None or "λ" in method or "lambda" in method:
+        return method
+    return f"{method} (λ={penalty:g})"
+
+
+def method_colours(order: Sequence[str]) -> dict[str, Any]:
+    """A colour per method: SB black, LB red, each penalty family its own hue, its variants darker in turn."""
+    import matplotlib
+
+    families: dict[str, list[str]] = defaultdict(list)
+    for m in order:
+        families[_family(m)].append(m)
+    colours = {}
+    for family, names in families.items():
+        cmap = matplotlib.colormaps[_FAMILY_COLOURS.get(family, "Greys")]
+        if family == "SB":
+            shades = [0.95] * len(names)
+        else:
+            shades = [0.85] if len(names) == 1 else [0.45 + 0.5 * i / (len(names) - 1) for i in range(len(names))]
+        colours.update({m: cmap(shade) for m, shade in zip(names, shades)})
+    return colours
+
+
+def _mean_band(rows: Sequence[Mapping[str, Any]], method: str, key: str, scale: float, log: bool = False):
+    """Steps, the mean over seeds of ``key`` for ``method`` and its band ± one standard deviation (none for one
+    seed); with ``log`` both are taken of log10 (a geometric mean and band, for a log axis)."""
+    per_step: dict[int, list[float]] = defaultdict(list)
+    for r in rows:
+        if r["method"] == method:
+            values = [v * scale for v in _finite([r[key]]) if not log or v > 0]
+            per_step[int(r["step"])] += [math.log10(v) for v in values] if log else values
+    xs = [s for s in sorted(per_step) if per_step[s]]
+    means = [statistics.fmean(per_step[s]) for s in xs]
+    stds = [statistics.stdev(per_step[s]) if len(per_step[s]) > 1 else 0.0 for s in xs]
+    low, high = [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)]
+    if log:
+        means, low, high = ([10 ** v for v in seq] for seq in (means, low, high))
+    return xs, means, (low, high) if any(stds) else None
+
+
 def plot_curves(path: str | Path, rows: Sequence[Mapping[str, Any]], methods: Sequence[str] = (),
-                title: str = "") -> None:
-    """Figure-1 analogue: held-out accuracy and average micro-batch squared gradient norm against step,
-    one line per method (mean over seeds, shaded min–max over seeds)."""
+                title: str = "", config: Mapping[str, Any] | None = None) -> None:
+    """Figure-1 analogue: held-out accuracy and average micro-batch squared gradient norm against step, one line
+    per method (mean over seeds, band ± one std), methods grouped by colour family, λ in the legend."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    config = config or {}
     order = method_order([r["method"] for r in rows], methods)
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    cmap = plt.get_cmap("tab10")
-    panels = (("heldout_acc", "held-out accuracy", 100.0), ("micro_grad_sq_norm", "avg micro-batch ‖g‖² (log)", 1.0))
-    for i, method in enumerate(order):
-        per_step: dict[int, list[Mapping[str, Any]]] = defaultdict(list)
-        for r in rows:
-            if r["method"] == method:
-                per_step[int(r["step"])].append(r)
-        steps = sorted(per_step)
-        color = cmap(i % 10)
-        style = "-" if i < 10 else "--"
+    colours = method_colours(order)
+    seeds = len({int(r["seed"]) for r in rows})
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
+    panels = (("heldout_acc", "held-out accuracy (%)", 100.0),
+              ("micro_grad_sq_norm", "avg micro-batch ‖g‖² (log; geometric mean and band)", 1.0))
+    accuracy_means: list[float] = []
+    for method in order:
         for ax, (key, _, scale) in zip(axes, panels):
-            xs, mean, lo, hi = [], [], [], []
-            for s in steps:
-                vals = _finite(r[key] for r in per_step[s])
-                if key == "micro_grad_sq_norm":
-                    vals = [v for v in vals if v > 0]
-                if not vals:
-                    continue
-                xs.append(s)
-                mean.append(statistics.fmean(vals) * scale)
-                lo.append(min(vals) * scale)
-                hi.append(max(vals) * scale)
+            xs, means, band = _mean_band(rows, method, key, scale, log=key == "micro_grad_sq_norm")
             if not xs:
                 continue
-            ax.plot(xs, mean, style, color=color, label=method, linewidth=1.4)
-            if any(h > l for h, l in zip(hi, lo)):
-                ax.fill_between(xs, lo, hi, color=color, alpha=0.15, linewidth=0)
+            width = 2.2 if method in ("SB", "LB") else 1.5
+            ax.plot(xs, means, color=colours[method], label=method_label(method, config), linewidth=width)
+            if band is not None:
+                ax.fill_between(xs, *band, color=colours[method], alpha=0.18, linewidth=0)
+            if key == "heldout_acc":
+                accuracy_means += means[len(means) // 4:]
     for ax, (key, label, _) in zip(axes, panels):
         ax.set_xlabel("step")
-        ax.set_ylabel(label + (" (%)" if key == "heldout_acc" else ""))
+        ax.set_ylabel(label)
         ax.grid(alpha=0.3)
+    if accuracy_means:  # the informative range: the later three quarters of every curve, not the first steps
+        low, high = min(accuracy_means), max(accuracy_means)
+        axes[0].set_ylim(low - 0.15 * (high - low + 1), high + 0.1 * (high - low + 1))
     if any(line.get_ydata().size for line in axes[1].get_lines()):
         axes[1].set_yscale("log")
-    axes[0].legend(fontsize=8, ncol=2, loc="lower right")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), fontsize=9, frameon=False)
+    band = f"mean over {seeds} seeds, band ± 1 std" if seeds > 1 else "one seed"
+    fig.suptitle(f"{title} ({band})" if title else band)
+    fig.tight_layout(rect=(0, 0.06 + 0.035 * ((len(labels) - 1) // 5), 1, 1))
     tmp = Path(str(path) + ".tmp")
-    fig.savefig(tmp, dpi=90, format="png")
+    fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
     tmp.replace(path)
 
@@ -393,8 +584,11 @@ def write_all(out: str | Path, rows: Sequence[Mapping[str, Any]], results: Seque
             writer.writerows({k: _fmt(r.get(k)) for k in fields} for r in bn_rows)
         tmp.replace(out / "bn_eval.csv")
     if rows and plot:
-        plot_curves(out / "curves.png", rows, config.get("methods", ()),
-                    title=f"{config.get('preset', '')}: {config.get('dataset', '')} / {config.get('model', '')}")
+        plot_curves(out / "curves.png", rows, config.get("methods", ()), title=_figure_title(config), config=config)
+
+
+def _figure_title(config: Mapping[str, Any]) -> str:
+    return f"{config.get('preset', '')}: {config.get('dataset', '')} / {config.get('model', '')}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -406,8 +600,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = read_metrics_csv(args.run_dir / "metrics.csv")
     results = json.loads((args.run_dir / "runs.json").read_text())
     write_summary(args.run_dir / "summary.md", rows, results, config)
-    plot_curves(args.run_dir / "curves.png", rows, config.get("methods", ()),
-                title=f"{config.get('preset', '')}: {config.get('dataset', '')} / {config.get('model', '')}")
+    plot_curves(args.run_dir / "curves.png", rows, config.get("methods", ()), title=_figure_title(config),
+                config=config)
     print((args.run_dir / "summary.md").read_text())
     return 0
 

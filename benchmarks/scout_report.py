@@ -32,8 +32,6 @@ from benchmarks import report  # noqa: E402
 from benchmarks.repro.uncertainty import (Interval, evaluation_se, mean_interval,  # noqa: E402
                                           seed_and_evaluation_interval)
 
-LAST_EVALUATIONS = 10
-
 
 @dataclass(frozen=True)
 class SeedScores:
@@ -76,20 +74,12 @@ class Setting:
         return sum(getattr(sb[s], measure) > getattr(lb[s], measure) for s in self.seeds)
 
 
-def last_heldout_mean(rows: Sequence[Mapping[str, Any]], method: str, seed: int,
-                      last: int = LAST_EVALUATIONS) -> float:
-    """Mean held-out accuracy of the run's last ``last`` logged evaluations (finite values only)."""
-    run = sorted((r for r in rows if r["method"] == method and int(r["seed"]) == seed), key=lambda r: r["step"])
-    values = report._finite(r["heldout_acc"] for r in run)[-last:]
-    return statistics.fmean(values) if values else float("nan")
-
-
 def seed_scores(runs: Sequence[Mapping[str, Any]], rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[int, SeedScores]]:
     out: dict[str, dict[int, SeedScores]] = {}
     for r in runs:
         seed = int(r["seed"])
         out.setdefault(r["method"], {})[seed] = SeedScores(
-            float(r["best_heldout_acc"]), last_heldout_mean(rows, r["method"], seed), float(r["test_acc"]))
+            float(r["best_heldout_acc"]), report.last_heldout_mean(rows, r["method"], seed), float(r["test_acc"]))
     return out
 
 

@@ -159,3 +159,36 @@ def seeds_needed(effect: float, sd: float, power: float = 0.8, confidence: float
         if paired_t_power(effect, sd, seeds, confidence) >= power:
             return seeds
     raise ValueError(f"more than {limit} seeds needed for effect {effect} at sd {sd}")
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """a − b paired by seed: the interval over seeds alone, and (when the number of evaluation images is known)
+    the same widened by their sampling error (:func:`seed_and_evaluation_interval`)."""
+
+    seeds: Interval
+    with_evaluation: Interval | None
+
+    @property
+    def level(self) -> int:
+        """+2: above zero beyond seed and evaluation noise; +1: above zero over these seeds only (the widened
+        interval includes it, or is unknown); 0: the seeds' interval includes zero; −1, −2: the same below zero."""
+        wide = self.with_evaluation
+        if self.seeds.includes_zero:
+            return 0
+        sign = 1 if self.seeds.low > 0 else -1
+        return 2 * sign if wide is not None and not wide.includes_zero else sign
+
+
+def compare(a: Mapping[int, float | None], b: Mapping[int, float | None], images: int | None,
+            confidence: float = 0.95) -> Comparison | None:
+    """a − b over the seeds both have (accuracies as fractions); None with fewer than two such seeds."""
+    d = paired_differences(a, b)
+    seeds = mean_interval(d, confidence)
+    if seeds is None:
+        return None
+    if not images:
+        return Comparison(seeds, None)
+    common = [s for s in sorted(set(a) & set(b)) if _finite(a[s]) and _finite(b[s])]
+    mean_a, mean_b = (statistics.fmean(float(x[s]) for s in common) for x in (a, b))  # type: ignore[arg-type]
+    return Comparison(seeds, seed_and_evaluation_interval(d, evaluation_se(mean_a, mean_b, images), confidence))
