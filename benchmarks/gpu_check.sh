@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The GPU verification kit: one command that a session with a lent GPU runs once.
+# The GPU verification kit: one command that checks regopt on a CUDA machine and measures it.
 #
 #   bash benchmarks/gpu_check.sh OUTDIR [tests|speed|repro|all] [--smoke]
 #
 # Parts (run in this order by `all`, each under its own `timeout`, each independent of the others):
-#   tests  CUDA-only tests (tests/test_cuda.py and the existing CUDA no-sync test)   -> tests.md, tests.json
+#   tests  CUDA tests: tests/test_cuda.py (CUDA against the CPU, host syncs), tests/test_device_paths.py on
+#          CUDA, the existing CUDA no-sync test                                      -> tests.md, tests.json
 #   speed  benchmarks/speed.py --suite gpu: ResNet-18 B=5120 |M|=128, fmnist CNN B=1024 |M|=128, torch.compile
 #                                                                                    -> speed.md, speed.json
 #   repro  benchmarks/reproduce.py --preset fmnist on CUDA, several worker processes (under CUDA MPS when it
@@ -13,7 +14,8 @@
 # --smoke runs every part on the CPU at tiny sizes in about a minute (tests/benchmarks/test_gpu_check.py).
 #
 # Environment (all optional):
-#   GPU_CHECK_BUDGET   seconds for the whole run (default 540; parts: tests 60, speed 180, repro the rest)
+#   GPU_CHECK_BUDGET   seconds for the whole run (default 540; parts: tests 60 (--smoke: ended only by 120 s
+#                      without output), speed 180, repro the rest)
 #   REPRO_METHODS      default "SB LB GN FT AJ UJ GRAFT-ext GN-|M|=1024" (whitespace-separated; names as
 #                      reproduce.py reads them, e.g. GN@λ=0.03; --smoke: "SB GN GRAFT-ext GN@λ=0.03-|M|=8")
 #   REPRO_SEEDS (3), REPRO_JOBS (8), REPRO_BUDGET (420: reproduce.py --time-budget, capped by what is left)
@@ -44,6 +46,7 @@ ROOT="$(pwd)"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY="${PYTHON:-python3}"
 BUDGET="${GPU_CHECK_BUDGET:-540}"
+TESTS_STALL_S=120  # pytest prints a mark per test: no test takes this long, a hang does
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")"
 LOG="$OUT/gpu_check.log"
 START=$SECONDS
@@ -105,11 +108,38 @@ run_timed() {  # seconds command... : run under coreutils timeout (SIGTERM, SIGK
   timeout -k 10 "$limit" "$@"
 }
 
+# Like run_timed, and also ended (exit 124) once its output has not grown for STALL seconds: a hang.
+# A stall, unlike the time taken, does not grow with the load of a shared machine.
+run_watched() {  # stall limit command...
+  local stall="$1" limit="$2" out="$WORK/watched.out" size=-1 idle=0 now pid tailer rc
+  shift 2
+  : > "$out"
+  timeout -k 10 "$limit" "$@" > "$out" 2>&1 &
+  pid=$!
+  tail -n +1 -f --pid="$pid" "$out" &  # the output, as it comes, in the log
+  tailer=$!
+  while kill -0 "$pid" 2>/dev/null; do
+    sleep 1
+    now=$(stat -c %s "$out")
+    if [ "$now" = "$size" ]; then idle=$((idle + 1)); else size=$now idle=0; fi
+    if [ "$idle" -ge "$stall" ]; then
+      echo "no output for ${stall} s: a hang; ended" >> "$out"
+      kill -TERM "$pid" 2>/dev/null; wait "$pid"; wait "$tailer"; return 124
+    fi
+  done
+  wait "$pid"; rc=$?
+  wait "$tailer"
+  return "$rc"
+}
+
 # -- tests ----------------------------------------------------------------------------------------
 part_tests() {
-  local t0=$SECONDS limit rc nodes=(tests/test_cuda.py)
-  limit=$(min 60 "$(left)")
-  banner "tests (limit ${limit} s)"
+  # test_cuda.py: two devices compared, or CUDA only; test_device_paths.py on CUDA alone (REGOPT_TEST_DEVICES),
+  # since the default suite runs it on the CPU: what passes here is a check of the GPU.
+  local t0=$SECONDS limit rc nodes=(tests/test_cuda.py tests/test_device_paths.py)
+  # On a GPU the part gets 60 s of the budget; --smoke saves no GPU time: a stall ends it (or the whole budget).
+  if [ "$SMOKE" = 1 ]; then limit=$(left); else limit=$(min 60 "$(left)"); fi
+  banner "tests (limit ${limit} s, or ${TESTS_STALL_S} s without output)"
   # The CUDA no-sync test that predates tests/test_cuda.py (not marked `cuda`): run it by name if present.
   if grep -q "def test_no_host_sync_inside_the_micro_batch_loop_on_cuda" tests/test_optimizers.py 2>/dev/null; then
     nodes+=("tests/test_optimizers.py::test_no_host_sync_inside_the_micro_batch_loop_on_cuda")
@@ -118,8 +148,9 @@ part_tests() {
   [ "$SMOKE" = 1 ] && device="${REGOPT_TEST_DEVICE:-cpu}"
   # With pytest-timeout (the GPU image has it), a hung test is reported with its stack and the rest still run.
   if "$PY" -c "import pytest_timeout" 2>/dev/null; then options+=(--timeout 30); fi
-  echo "REGOPT_TEST_DEVICE=$device $PY -m pytest ${options[*]} ${nodes[*]}"
-  REGOPT_TEST_DEVICE="$device" run_timed "$limit" "$PY" -m pytest "${options[@]}" "${nodes[@]}"
+  echo "REGOPT_TEST_DEVICE=$device REGOPT_TEST_DEVICES=cuda $PY -m pytest ${options[*]} ${nodes[*]}"
+  REGOPT_TEST_DEVICE="$device" REGOPT_TEST_DEVICES=cuda run_watched "$TESTS_STALL_S" "$limit" \
+    "$PY" -m pytest "${options[@]}" "${nodes[@]}"
   rc=$?
   "$PY" - "$WORK/junit.xml" "$OUT" "$device" <<'EOF'
 import json, sys
@@ -258,7 +289,7 @@ part_repro() {
   elif ! grep -q -- "--time-budget" <<< "$help" || ! grep -q -- "--jobs" <<< "$help"; then
     echo "error: benchmarks/reproduce.py has no --time-budget/--jobs option yet: the repro part cannot run" >&2; rc=1
   elif [ "$SMOKE" = 0 ] && ! "$PY" -c "from benchmarks.data import find_fashion_mnist as f; print('Fashion-MNIST:', f('$ROOT/.fmnist')['train_images'])"; then
-    echo "error: Fashion-MNIST not found: carry the four .gz files in .fmnist/ (or set REGOPT_DATA)" >&2; rc=1
+    echo "error: Fashion-MNIST not found: copy the four .gz files into .fmnist/ (or set REGOPT_DATA)" >&2; rc=1
   elif ! repro_command "$methods" "$budget"; then
     echo "error: could not prepare the repro command" >&2; rc=1
   fi
@@ -278,7 +309,7 @@ part_repro() {
 collect_repro() {  # REPRO_DIR -> OUTDIR/repro.tar.gz, repro.md (its summary.md), repro.json (runs.json + config)
   if [ -d "${REPRO_DIR:-/nonexistent}" ]; then
     tar -czf "$OUT/repro.tar.gz" -C "$(dirname "$REPRO_DIR")" "$(basename "$REPRO_DIR")"
-    if [ "$(stat -c %s "$OUT/repro.tar.gz")" -gt 15000000 ]; then  # files come back up to 16 MiB each
+    if [ "$(stat -c %s "$OUT/repro.tar.gz")" -gt 15000000 ]; then  # without checkpoints when large (a small file to copy back)
       tar -czf "$OUT/repro.tar.gz" --exclude=checkpoints -C "$(dirname "$REPRO_DIR")" "$(basename "$REPRO_DIR")"
     fi
   fi

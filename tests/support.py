@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+import regopt
 
 CLASSES = 4
 
@@ -99,3 +102,57 @@ def assert_close_models(a: nn.Module, b: nn.Module, rtol: float = 1e-10, atol: f
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+# -- devices -------------------------------------------------------------------------------------------
+def device_params() -> list:
+    """The devices a device-path test runs on: ``REGOPT_TEST_DEVICES`` (comma-separated, default "cpu,cuda");
+    a CUDA device without CUDA skips."""
+    names = os.environ.get("REGOPT_TEST_DEVICES", "cpu,cuda").split(",")
+    return [pytest.param(torch.device(name), id=name,
+                         marks=[pytest.mark.cuda, requires_cuda] if name.startswith("cuda") else [])
+            for name in names]
+
+
+# name -> constructor(params, **kw); FT and UJ draw, so they get a generator on the parameters' device.
+DETERMINISTIC = {
+    "LB": lambda p, **k: regopt.MicroBatchSGD(p, **k),
+    "GN-exact": lambda p, **k: regopt.GradNormSGD(p, penalty=0.3, **k),
+    "GN-finite_difference": lambda p, **k: regopt.GradNormSGD(p, penalty=0.3, method="finite_difference", **k),
+    "AJ-exact": lambda p, **k: regopt.JacobianRegSGD(p, penalty=0.3, kind="average", **k),
+    "AJ-finite_difference": lambda p, **k: regopt.JacobianRegSGD(p, penalty=0.3, kind="average",
+                                                                 method="finite_difference", **k),
+    "GRAFT-iter": lambda p, **k: regopt.GraftedSGD(p, mode="iterative", **k),
+    "GRAFT-ext": lambda p, **k: regopt.GraftedSGD(p, mode="external", norms=lambda t: 0.5 + t, **k),
+    "NGD": lambda p, **k: regopt.GraftedSGD(p, mode="normalized", **k),
+}
+RANDOM = {
+    "FT": (lambda p, g, **k: regopt.FisherTraceSGD(p, generator=g, **k), "fisher_trace"),
+    "UJ": (lambda p, g, **k: regopt.JacobianRegSGD(p, kind="unit", generator=g, **k), "unit_jacobian"),
+}
+
+
+def every_optimizer(device: torch.device) -> dict:
+    """name -> constructor for all optimizers, FT and UJ with a seeded generator on ``device``."""
+    makers = dict(DETERMINISTIC)
+    for name, (make, _) in RANDOM.items():
+        for method in ("exact", "finite_difference"):
+            makers[f"{name}-{method}"] = (lambda make, method: lambda p, **k: make(
+                p, torch.Generator(device).manual_seed(5), penalty=0.3, method=method, **k))(make, method)
+    return makers
+
+
+def on(device: torch.device, model: nn.Module, batch: tuple[torch.Tensor, ...]):
+    """A copy of ``model`` and ``batch`` on ``device``."""
+    return copy.deepcopy(model).to(device), tuple(t.to(device) for t in batch)
+
+
+def assert_models_match(a: nn.Module, b: nn.Module, rtol: float, atol: float) -> None:
+    """Parameters and buffers of two models (on any devices) agree."""
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(p.cpu(), q.cpu(), rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+def stats_vector(opt) -> torch.Tensor:
+    s = opt.stats
+    return torch.stack([s.loss, s.penalty, s.micro_grad_sq_norm, s.grad_norm]).cpu()

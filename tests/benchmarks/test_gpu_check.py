@@ -1,13 +1,14 @@
 """benchmarks/gpu_check.sh --smoke: every part of the GPU kit runs on the CPU and leaves well-formed files.
 
-The kit is run once on a lent GPU with no second chance, so this keeps every code path it takes
-(the scripts, the options, the output files) exercised on every CI run.
+A GPU run of the kit is expensive and often the only one a change gets, so this keeps every code path it
+takes (the scripts, the options, the output files) exercised on every CI run.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -26,6 +27,7 @@ FILES = {"gpu_check.log", "tests.md", "tests.json", "speed.md", "speed.json", "r
 def run_kit(out: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
     environ = {**os.environ, "PYTHON": sys.executable, **env}
     environ.pop("REGOPT_TEST_DEVICE", None)
+    environ.pop("REGOPT_TEST_DEVICES", None)
     return subprocess.run(["bash", str(SCRIPT), str(out), *args], capture_output=True, text=True, env=environ,
                           timeout=600)
 
@@ -39,7 +41,7 @@ def smoke(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
 def test_smoke_run_passes_and_leaves_exactly_the_eight_flat_files(smoke):
     out, proc = smoke
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert {p.name for p in out.iterdir()} == FILES  # the device tool returns at most 8 files, no folders
+    assert {p.name for p in out.iterdir()} == FILES  # a flat folder of at most 8 files: easy to copy back from a remote machine
     assert all(p.is_file() and p.stat().st_size > 0 for p in out.iterdir())
     log = (out / "gpu_check.log").read_text()
     assert log == proc.stdout  # everything printed is in the log
@@ -50,15 +52,33 @@ def test_smoke_run_passes_and_leaves_exactly_the_eight_flat_files(smoke):
         assert (out / f"{part}.md").read_text().startswith(f"<!-- gpu_check part {part}: passed")
 
 
-def test_smoke_tests_part_ran_the_cuda_tests_on_the_cpu(smoke):
+def test_smoke_tests_part_counts_as_passed_only_the_checks_that_compare_two_devices(smoke):
+    """On the CPU the kit runs test_cuda.py's code (its two-device comparisons, CPU against CPU here) and
+    collects test_device_paths.py on CUDA alone (the default suite runs it on the CPU), which skips."""
     out, _ = smoke
     result = json.loads((out / "tests.json").read_text())
-    names = [t["name"] for t in result["tests"]]
+    outcomes = {t["name"]: t["outcome"] for t in result["tests"]}
+    passed = sorted(n for n, outcome in outcomes.items() if outcome == "passed")
+    two_devices = sorted(n for n in outcomes if n.startswith("test_cuda::test_float64_step_on_device_equals_the_cpu_step"))
     assert result["device"] == "cpu" and result["counts"]["failed"] == result["counts"]["error"] == 0
-    assert result["counts"]["passed"] >= 20
-    assert any(n.startswith("test_cuda::test_float64_step_on_device_equals_the_cpu_step") for n in names)
-    assert any("no_host_sync" in n for n in names)  # the older CUDA test runs too (it skips on the CPU)
-    assert "passed" in (out / "tests.md").read_text()
+    assert two_devices and passed == two_devices and result["counts"]["passed"] == len(passed)
+    device_paths = [n for n in outcomes if n.startswith("test_device_paths::")]
+    assert device_paths and all(outcomes[n] == "skipped" and "[cuda" in n for n in device_paths)
+    assert any("no_host_sync" in n for n in outcomes)  # the older CUDA test runs too (it skips on the CPU)
+    assert f"{len(passed)} passed" in (out / "tests.md").read_text()
+
+
+def test_the_tests_part_ends_a_stall_not_a_slow_run(tmp_path):
+    """run_watched ends a command whose output stops growing (exit 124), and lets one that keeps printing
+    run past the same stall limit to its own exit status."""
+    function = re.search(r"^run_watched\(\) \{.*?^\}", SCRIPT.read_text(), re.MULTILINE | re.DOTALL).group(0)
+    script = (f"WORK={tmp_path}\n{function}\n"
+              "run_watched 2 600 bash -c 'echo started; exec sleep 600'; echo \"stalled: $?\"\n"
+              "run_watched 2 600 bash -c 'for i in 1 2 3 4 5 6; do echo $i; sleep 1; done; exit 3'; echo \"slow: $?\"\n")
+    proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True)
+    lines = proc.stdout.splitlines()
+    assert "no output for 2 s: a hang; ended" in lines and "stalled: 124" in lines
+    assert lines[-7:] == ["1", "2", "3", "4", "5", "6", "slow: 3"]
 
 
 def test_smoke_speed_part_has_every_table_row_and_target(smoke):
