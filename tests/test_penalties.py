@@ -14,13 +14,28 @@ from regopt import penalties
 from support import logits_closure, mlp
 
 
-def _mean_penalty(optimizer, model, batch, steps):
-    values = []
+def _penalties_beside_replayed_draws(optimizer, model, batch, steps, exact_penalty):
+    """stats.penalty of ``steps`` steps (lr = 0), and beside each the exact R of the draw the step made.
+
+    ``exact_penalty(generator)`` redraws the step's randomness from a copy of the optimizer's generator (in the
+    state the step starts from) with the reference's sampler and returns R for that draw: the paired value.
+    """
+    values, paired, replay = [], [], torch.Generator()
     for _ in range(steps):
+        replay.set_state(optimizer.generator.get_state())
+        paired.append(exact_penalty(replay))
         optimizer.step(logits_closure(model), batch)
-        values.append(optimizer.stats.penalty)
-    values = torch.stack(values)
-    return values.mean().item(), values.std().item() / steps ** 0.5
+        values.append(optimizer.stats.penalty.item())
+    return torch.tensor(values, dtype=torch.float64), torch.tensor(paired, dtype=torch.float64)
+
+
+def _assert_unbiased(values, paired, expected):
+    """Paired: every step's R is the exact R of its draw (a biased draw or scale fails here, not in the noise);
+    then the mean over draws, within 4 standard errors of the exact expectation."""
+    torch.testing.assert_close(values, paired, rtol=1e-10, atol=1e-14)
+    standard_error = values.std().item() / len(values) ** 0.5
+    assert standard_error > 0  # the draws really are made afresh every step
+    assert abs(values.mean().item() - expected) < 4 * standard_error
 
 
 def test_fisher_trace_penalty_expectation_enumerates_all_labels():
@@ -30,16 +45,18 @@ def test_fisher_trace_penalty_expectation_enumerates_all_labels():
     params = list(model.parameters())
     logits = model(x)
     probs = torch.softmax(logits, 1).detach()
-    expected = 0.0
+    expected, exact = 0.0, {}
     for labels in itertools.product(range(3), repeat=2):
-        labels = torch.tensor(labels)
-        v = torch.autograd.grad(F.cross_entropy(logits, labels), params, retain_graph=True)
-        expected += probs[0, labels[0]] * probs[1, labels[1]] * sum((t ** 2).sum() for t in v)
+        v = torch.autograd.grad(F.cross_entropy(logits, torch.tensor(labels)), params, retain_graph=True)
+        exact[labels] = sum((t ** 2).sum() for t in v).item()
+        expected += (probs[0, labels[0]] * probs[1, labels[1]]).item() * exact[labels]
     opt = regopt.FisherTraceSGD(params, lr=0.0, micro_batch_size=2, penalty=1.0,
                                 generator=torch.Generator().manual_seed(2))
-    mean, standard_error = _mean_penalty(opt, model, (x, y), 3000)
-    assert abs(mean - expected.item()) < 4 * standard_error
-    assert standard_error > 0  # the labels really are drawn afresh every step
+    sampled_probs = torch.softmax(logits.detach().float(), 1)  # FT draws from float32 probabilities
+
+    def exact_penalty(generator):
+        return exact[tuple(torch.multinomial(sampled_probs, 1, generator=generator).squeeze(1).tolist())]
+    _assert_unbiased(*_penalties_beside_replayed_draws(opt, model, (x, y), 3000, exact_penalty), expected)
 
 
 def test_unit_jacobian_penalty_expectation_is_frobenius_over_classes():
@@ -48,13 +65,19 @@ def test_unit_jacobian_penalty_expectation_is_frobenius_over_classes():
     y = torch.zeros(3, dtype=torch.long)
     params = list(model.parameters())
     mean_logits = model(x).mean(0)
-    frobenius = sum(sum((t ** 2).sum() for t in torch.autograd.grad(mean_logits[c], params, retain_graph=True))
-                    for c in range(4))
-    expected = frobenius.item() / 4  # E[u uᵀ] = I / C
+    jacobian = torch.stack([torch.cat([t.reshape(-1) for t in torch.autograd.grad(mean_logits[c], params,
+                                                                                  retain_graph=True)])
+                            for c in range(4)])  # J, classes × parameters
+    gram = jacobian @ jacobian.T  # R(u) = ‖Jᵀu‖² = uᵀ J Jᵀ u
+    expected = gram.trace().item() / 4  # E[u uᵀ] = I / C: ‖J‖_F² / C
     opt = regopt.JacobianRegSGD(params, lr=0.0, micro_batch_size=3, penalty=1.0, kind="unit",
                                 generator=torch.Generator().manual_seed(3))
-    mean, standard_error = _mean_penalty(opt, model, (x, y), 3000)
-    assert abs(mean - expected) < 4 * standard_error and standard_error > 0
+
+    def exact_penalty(generator):
+        z = torch.randn(4, generator=generator, dtype=torch.float64)
+        u = z / torch.linalg.vector_norm(z)
+        return (u @ gram @ u).item()
+    _assert_unbiased(*_penalties_beside_replayed_draws(opt, model, (x, y), 3000, exact_penalty), expected)
 
 
 def test_average_jacobian_scalar_is_the_all_ones_projection():

@@ -20,10 +20,10 @@ from support import assert_close_models, assert_same_state, assert_unchanged, cn
 
 OPTIMIZERS = {
     "LB": lambda p, g, **k: regopt.MicroBatchSGD(p, **k),
-    "GN": lambda p, g, **k: regopt.GradNormSGD(p, penalty=0.2, **k),
-    "GN-fd": lambda p, g, **k: regopt.GradNormSGD(p, penalty=0.2, method="finite_difference", **k),
+    "GN": lambda p, g, **k: regopt.GradNormSGD(p, penalty=0.2, generator=g, **k),
+    "GN-fd": lambda p, g, **k: regopt.GradNormSGD(p, penalty=0.2, method="finite_difference", generator=g, **k),
     "FT": lambda p, g, **k: regopt.FisherTraceSGD(p, penalty=0.2, generator=g, **k),
-    "AJ": lambda p, g, **k: regopt.JacobianRegSGD(p, penalty=0.2, kind="average", **k),
+    "AJ": lambda p, g, **k: regopt.JacobianRegSGD(p, penalty=0.2, kind="average", generator=g, **k),
     "UJ": lambda p, g, **k: regopt.JacobianRegSGD(p, penalty=0.2, kind="unit", generator=g, **k),
     "GRAFT-iter": lambda p, g, **k: regopt.GraftedSGD(p, mode="iterative", **k),
     "GRAFT-ext": lambda p, g, **k: regopt.GraftedSGD(p, mode="external", norms=lambda t: 0.5, **k),
@@ -108,11 +108,15 @@ def test_fuzzed_faults_raise_and_change_nothing(name, batch_size, bad_call, faul
     penalized_by_logits = name in {"FT", "AJ", "UJ"}
     expect_error = fault in {"raise", "wrong-dtype", "nan-loss", "inf-loss"} or (
         penalized_by_logits and fault.endswith("-logits"))
-    if not expect_error:  # logits unused by this optimizer: the step is fine
+    if not expect_error:  # logits unused by this optimizer: an ordinary step, taken
+        steps = opt.step_count
         opt.step(closure, data_for(model, batch_size))
+        assert not opt.stats.skipped and opt.step_count == steps + 1 and torch.isfinite(opt.stats.loss)
+        assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), before["params"]))
         return
-    expected = {"raise": ValueError, "wrong-dtype": RuntimeError}.get(fault, FloatingPointError)
-    with pytest.raises(expected) as info:
+    expected, match = {"raise": (ValueError, "closure failed"),
+                       "wrong-dtype": (RuntimeError, "must have the same dtype")}.get(fault, (FloatingPointError, "non-finite"))
+    with pytest.raises(expected, match=match) as info:
         opt.step(closure, data_for(model, batch_size))
     if fault == "raise":
         assert info.value is error
@@ -185,16 +189,21 @@ def test_complex_parameters_are_refused():
 
 # -- resume ------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["GN", "FT", "UJ", "GRAFT-ext"])
-@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(stop=st.integers(1, 5), seed=st.integers(0, 100))
-def test_interrupted_runs_resume_bit_identically(name, stop, seed):
+@pytest.mark.parametrize("name", ["GN", "GN-fd", "FT", "UJ", "GRAFT-ext"])
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(stop=st.integers(1, 5), seed=st.integers(0, 100), subset=st.sampled_from([None, 1, 2]),
+       loss_scale=st.sampled_from([None, "dynamic"]))
+def test_interrupted_runs_resume_bit_identically(name, stop, seed, subset, loss_scale):
+    """Saved after ``stop`` of 6 steps and resumed into a differently seeded model and generator: the same run.
+
+    The generator (FT/UJ draws, penalty subsets), momentum, step count, loss scale and schedule all resume."""
     batches = [data_for(cnn(0), 7, seed=seed + t) for t in range(6)]
+    options = {"loss_scale": loss_scale} | ({} if name.startswith("GRAFT") else {"penalty_micro_batches": subset})
 
     def fresh(model_seed):
         model = cnn(model_seed)
-        generator = torch.Generator().manual_seed(seed)
-        opt = OPTIMIZERS[name](model.parameters(), generator, lr=0.1, momentum=0.9, micro_batch_size=3)
+        generator = torch.Generator().manual_seed(model_seed)
+        opt = OPTIMIZERS[name](model.parameters(), generator, lr=0.1, momentum=0.9, micro_batch_size=3, **options)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=6)
         return model, opt, scheduler
 
@@ -218,6 +227,7 @@ def test_interrupted_runs_resume_bit_identically(name, stop, seed):
     resumed[2].load_state_dict(saved["sched"])
     train(*resumed, batches[stop:])
     assert_close_models(straight[0], resumed[0], rtol=0, atol=0)
+    assert_same_state(snapshot(*straight[:2]), snapshot(*resumed[:2]))  # momentum, step, scale, generator state
 
 
 # -- soak --------------------------------------------------------------------------------------------------------

@@ -91,14 +91,16 @@ def test_the_average_over_all_subsets_is_the_full_penalty_and_each_subset_its_ow
     full_grad, full_stats = one_step(name, method, None, model)
     expected_terms = reference_terms(name, model)
     large_batch_grad = sum(w * g for w, g, _, _ in expected_terms)
-    tolerance = dict(rtol=1e-12, atol=1e-12) if method == "exact" else dict(rtol=1e-4, atol=1e-6)
     grads, penalties = [], []
     for subset in itertools.combinations(range(K), m):
         grad, stats = one_step(name, method, m, model, subset, monkeypatch)
         own = large_batch_grad + sum(K / m * expected_terms[j][0] * expected_terms[j][2] for j in subset)
         own_penalty = sum(K / m * expected_terms[j][0] * expected_terms[j][3] for j in subset)
-        torch.testing.assert_close(grad, own, **tolerance)  # weights k/m · w_j, ragged tail included
-        torch.testing.assert_close(stats.penalty.item(), own_penalty, **tolerance)
+        if method == "exact":  # weights k/m · w_j, ragged tail included
+            torch.testing.assert_close(grad, own, rtol=1e-12, atol=1e-12)
+        else:  # the forward difference errs by O(ε) in the penalty part alone (measured: up to 1.1 ε)
+            assert (grad - own).norm() <= 3 * FD_EPS * (own - large_batch_grad).norm()
+        torch.testing.assert_close(stats.penalty.item(), own_penalty, rtol=1e-12, atol=1e-12)  # R_j: no difference
         assert (grad - full_grad).abs().max() > 1e-6  # each subset is a different, noisy estimate
         # G, the loss and Σ_j w_j ‖g_j‖² stay exact: every micro-batch still computes g_j.
         torch.testing.assert_close(stats.loss, full_stats.loss, rtol=1e-12, atol=1e-12)

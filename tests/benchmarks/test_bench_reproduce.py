@@ -5,6 +5,11 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -170,6 +175,47 @@ def test_unknown_inputs_fail_clearly(tmp_path):
         reproduce.main(["--resume", "--out", str(tmp_path / "missing")])
 
 
+STALL_S = 300  # no new output and no file written for this long: a hang (a loaded machine is slow, not silent)
+
+
+def _progress_signature(paths) -> tuple:
+    """The sizes and modification times of every file under ``paths``: it changes whenever anything is written."""
+    files = [f for p in paths if p.exists() for f in ([p] if p.is_file() else sorted(p.rglob("*"))) if f.is_file()]
+    return tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+
+
+def _wait_while_progressing(proc, paths, stall_s: float = STALL_S) -> None:
+    """Wait for ``proc``; end its session and fail when nothing under ``paths`` changed for ``stall_s`` seconds."""
+    signature, changed = None, time.monotonic()
+    while True:
+        try:
+            proc.wait(timeout=1.0)
+            return
+        except subprocess.TimeoutExpired:
+            pass
+        now, current = time.monotonic(), _progress_signature(paths)
+        if current != signature:
+            signature, changed = current, now
+        elif now - changed > stall_s:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            pytest.fail(f"torchrun wrote nothing for {stall_s} s (a hang); its output:\n"
+                        f"{paths[0].read_text()[-3000:]}")
+
+
+def test_the_torchrun_wait_ends_a_stall_not_a_slow_run(tmp_path):
+    log = tmp_path / "out.log"
+    with open(log, "w") as out:  # prints for 7 s or more, never silent for 5 s: runs to its end
+        slow = subprocess.Popen([sys.executable, "-c", "import time\nfor i in range(14): print(i, flush=True); "
+                                 "time.sleep(0.5)"], stdout=out, start_new_session=True)
+        _wait_while_progressing(slow, [log], stall_s=5.0)
+    assert slow.returncode == 0 and log.read_text().split() == [str(i) for i in range(14)]
+    silent = subprocess.Popen(["sleep", "600"], start_new_session=True)
+    with pytest.raises(pytest.fail.Exception, match="wrote nothing for 1.0 s"):
+        _wait_while_progressing(silent, [log], stall_s=1.0)
+    assert silent.returncode == -signal.SIGKILL
+
+
 @pytest.mark.slow
 def test_torchrun_two_ranks_match_one_process(tmp_path):
     """Under torchrun (gloo, 2 CPU ranks) LB and GN take the same steps as one process."""
@@ -182,15 +228,13 @@ def test_torchrun_two_ranks_match_one_process(tmp_path):
     args = [*TINY, "--steps", "4", "--methods", "LB", "GN"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
-    # A new session, so that a timeout can end the launcher and its two workers together.
-    proc = subprocess.Popen([*cmd, *args, "--out", str(tmp_path / "two")], env=env, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        output, _ = proc.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
-        proc.communicate()
-        raise
+    # A new session, so that a stall can end the launcher and its two workers together.
+    log = tmp_path / "torchrun.log"
+    with open(log, "w") as output_file:
+        proc = subprocess.Popen([*cmd, *args, "--out", str(tmp_path / "two")], env=env, start_new_session=True,
+                                stdout=output_file, stderr=subprocess.STDOUT, text=True)
+        _wait_while_progressing(proc, [log, tmp_path / "two"])
+    output = log.read_text()
     assert proc.returncode == 0, output[-3000:]
     _run(tmp_path, "one", "--steps", "4", "--methods", "LB", "GN")
     columns = ("method", "step", "train_loss", "micro_grad_sq_norm", "penalty")
