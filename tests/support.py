@@ -31,6 +31,17 @@ def cnn(seed: int, batch_norm: bool = True, outputs: int = CLASSES, act: type[nn
     return nn.Sequential(*layers).double()
 
 
+def float_cnn() -> nn.Module:
+    """A float32 1×6×6 → 5 conv net with BatchNorm, for autocast and loss-scaling checks."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 4 * 4, 5))
+
+
+def float_batch(size: int = 12) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(size, 1, 6, 6, generator=g), torch.randint(0, 5, (size,), generator=g)
+
+
 def data_for(model: nn.Module, size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     first = model[0]

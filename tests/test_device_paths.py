@@ -21,7 +21,7 @@ from torch import nn
 import regopt
 from regopt import reference
 from support import (RANDOM, assert_close_models, assert_models_match, cnn, data_for, device_params, every_optimizer,
-                     logits_closure, mlp, on, stats_vector)
+                     float_batch, float_cnn, logits_closure, mlp, on, stats_vector)
 
 DEVICES = device_params()
 
@@ -178,16 +178,6 @@ def test_device_generator_resumes_bit_identically_from_a_state_dict(device, name
 
 
 # -- float16 ----------------------------------------------------------------------------------------
-def float_cnn() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 4 * 4, 5))
-
-
-def float_batch(size: int = 12):
-    g = torch.Generator().manual_seed(1)
-    return torch.randn(size, 1, 6, 6, generator=g), torch.randint(0, 5, (size,), generator=g)
-
-
 FLOAT16 = {
     "LB": lambda p, **k: regopt.MicroBatchSGD(p, **k),
     "GN-exact": lambda p, **k: regopt.GradNormSGD(p, penalty=0.1, **k),

@@ -11,7 +11,8 @@ from torch import nn
 
 import regopt
 from regopt import reference
-from support import assert_close_models, assert_same_state, cnn, data_for, logits_closure, snapshot
+from support import (assert_close_models, assert_same_state, cnn, data_for, float_batch, float_cnn, logits_closure,
+                     snapshot)
 
 MAKERS = {
     "LB": lambda p, **k: regopt.MicroBatchSGD(p, **k),
@@ -25,19 +26,9 @@ MAKERS = {
 }
 
 
-def small_float_cnn():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 4 * 4, 5))
-
-
-def float_batch(size=12):
-    g = torch.Generator().manual_seed(1)
-    return torch.randn(size, 1, 6, 6, generator=g), torch.randint(0, 5, (size,), generator=g)
-
-
 @pytest.mark.parametrize("name", list(MAKERS))
 def test_bfloat16_autocast_keeps_statistics_in_float32_and_tracks_float32(name):
-    models = [small_float_cnn(), small_float_cnn()]
+    models = [float_cnn(), float_cnn()]
     opts = [MAKERS[name](m.parameters(), lr=0.1, micro_batch_size=4) for m in models]
     batch = float_batch()
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -52,7 +43,7 @@ def test_bfloat16_autocast_keeps_statistics_in_float32_and_tracks_float32(name):
 
 
 def test_only_the_closure_runs_under_autocast():
-    model = small_float_cnn()
+    model = float_cnn()
     seen = []
 
     def closure(x, y):
@@ -108,7 +99,7 @@ def test_dynamic_loss_scale_skips_backs_off_and_grows(monkeypatch):
 
 
 def test_float16_autocast_with_dynamic_loss_scale_trains():
-    model = small_float_cnn()
+    model = float_cnn()
     reference = copy.deepcopy(model)
     opt = regopt.GradNormSGD(model.parameters(), lr=0.05, micro_batch_size=4, penalty=0.1, loss_scale="dynamic")
     full = regopt.GradNormSGD(reference.parameters(), lr=0.05, micro_batch_size=4, penalty=0.1)
@@ -150,7 +141,7 @@ def low_precision_gradients(dtype: torch.dtype, loss_scale) -> tuple[torch.Tenso
     """(G, P) of one step of GN (λ = 1) under ``dtype`` autocast: P = applied(GN) − applied(LB), lr = 0."""
     grads = []
     for make in (MAKERS["LB"], lambda p, **k: regopt.GradNormSGD(p, penalty=1.0, **k)):
-        model = small_float_cnn()
+        model = float_cnn()
         opt = make(model.parameters(), lr=0.0, micro_batch_size=4, loss_scale=loss_scale)
         for _ in range(20):  # a dynamic scale halves until the double backward no longer overflows
             with torch.autocast("cpu", dtype=dtype):
@@ -166,7 +157,7 @@ def float64_gradients() -> tuple[torch.Tensor, torch.Tensor]:
     """(G, P) of the same step by regopt.reference in float64."""
     grads = []
     for regularizer in ("none", "grad_norm"):
-        model = small_float_cnn().double()
+        model = float_cnn().double()
         x, y = float_batch()
         reference.step(torch.optim.SGD(model.parameters(), lr=0.0), small_loss_closure(model), (x.double(), y),
                        micro_batch_size=4, regularizer=regularizer, penalty=1.0)

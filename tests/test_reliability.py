@@ -3,7 +3,6 @@ resumed runs are bit-identical; long runs do not leak."""
 
 from __future__ import annotations
 
-import copy
 import gc
 import io
 import resource
