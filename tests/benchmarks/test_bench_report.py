@@ -97,10 +97,10 @@ def test_the_lead_says_what_a_short_run_shows_and_where_the_accuracy_verdict_is(
     results = [dict(r, test_acc=0.8) for r in _results()]  # no accuracy gap, as in a one-minute run
     text = report.summary_markdown(_rows(), results, CONFIG)
     lead = text.split("## What this run shows", 1)[1].split("\n\n")[1]  # steps 20 (second evaluation) to 25
-    assert "LB's average micro-batch ‖g‖² is 4.8, 2.00× SB's 2.4: higher on 2 of 2 seeds (as the paper's mechanism " \
-           "needs)." in lead
+    assert "LB's average micro-batch ‖g‖² is 4.8, 2.00× SB's 2.4: higher on 2 of 2 seeds (on every seed: the " \
+           "premise of the paper's penalties)." in lead
     assert "The penalties move it: `GN` (λ = 0.01) 2.64, -45% against LB, lower on 2 of 2 seeds." in lead
-    assert "this run does not establish a large-batch gap (2 seed(s), 100 steps)" in lead
+    assert "this run does not establish a large-batch gap (2 seeds, 100 steps)" in lead
     assert "`--preset fmnist-5k`" in lead and "benchmarks/RESULTS_fmnist.md" in lead
     established = report.summary_markdown(_rows(), [dict(r, test_acc=r["test_acc"] + 0.002 * r["seed"])
                                                      for r in _results()], dict(CONFIG, dataset="fashion-mnist"))
@@ -119,3 +119,11 @@ def test_figure_groups_methods_and_names_lambda():
     assert xs[0] == 10 and means[0] == pytest.approx(4.4) and band is None  # both seeds equal: no band
     xs, means, band = report._mean_band(_rows(), "SB", "heldout_acc", 100.0)
     assert means[-1] == pytest.approx(100 * (0.895 - 0.001)) and band[1][-1] - band[0][-1] == pytest.approx(2 * 0.7071, rel=1e-3)
+
+
+def test_a_run_without_sb_and_lb_claims_no_gap():
+    rows = [r for r in _rows() if r["method"] == "GN"]
+    results = [r for r in _results() if r["method"] == "GN"]
+    text = report.summary_markdown(rows, results, dict(CONFIG, methods=["GN"]))
+    assert "this run has no SB and LB pair, so it measures no large-batch gap" in text
+    assert "| `GN` | 0.01 | 2.64 | — | — |" in text and "nan" not in text
