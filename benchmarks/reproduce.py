@@ -22,14 +22,15 @@ Methods (names used in tables, plots and metrics.csv; grammar ``BASE[@λ=VALUE][
 
 Penalty gradients are exact (double backprop, the paper's) unless ``--method finite_difference``.
 
-Protocol (SPEC.md): the same initialization per seed for every method, constant lr, momentum 0
+Protocol (docs/method.md): the same initialization per seed for every method, constant lr, momentum 0
 and weight decay 0 unless overridden, the same number of optimizer steps for every method,
 held-out accuracy every ``eval_every`` steps, test accuracy of the best held-out checkpoint.
 Runs that need SB's recorded norms (GRAFT-ext, NGD) run after SB, which is added if not asked for.
 
 The code, one job per module (``benchmarks/repro/``): ``presets``/``config`` (what runs),
 ``methods`` (names → optimizers), ``training`` (one run's loop), ``evaluation`` (BatchNorm
-recalibration, accuracy), ``driver`` (run order, --jobs, --resume, --time-budget, torchrun) and
+recalibration, accuracy), ``driver`` (run order, --jobs, --resume, --time-budget, torchrun), ``folder``
+(--out: new or empty unless --resume, locked while a run writes it), ``cli`` (the options, checked up front) and
 ``benchmarks/report.py`` (summary.md with mean ± std and intervals over seeds, curves.png, metrics.csv).
 """
 
@@ -41,15 +42,15 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.repro.cli import main, make_parser  # noqa: E402
+from benchmarks.repro.cli import main, make_parser, script_main  # noqa: E402
 from benchmarks.repro.config import build_config  # noqa: E402
 from benchmarks.repro.evaluation import recalibrate_batchnorm  # noqa: E402
 from benchmarks.repro.methods import BASE_METHODS, PENALIZED, MethodSpec, parse_method, run_order  # noqa: E402
 from benchmarks.repro.presets import DEFAULTS, PRESETS  # noqa: E402
-from benchmarks.repro.training import Interrupted  # noqa: E402
+from benchmarks.repro.training import CheckpointError, Interrupted  # noqa: E402
 
-__all__ = ["BASE_METHODS", "DEFAULTS", "PENALIZED", "PRESETS", "Interrupted", "MethodSpec", "build_config", "main",
-           "make_parser", "parse_method", "recalibrate_batchnorm", "run_order"]
+__all__ = ["BASE_METHODS", "DEFAULTS", "PENALIZED", "PRESETS", "CheckpointError", "Interrupted", "MethodSpec",
+           "build_config", "main", "make_parser", "parse_method", "recalibrate_batchnorm", "run_order", "script_main"]
 
 if __name__ == "__main__":
-    main()
+    script_main()

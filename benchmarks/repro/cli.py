@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
+import math
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -21,30 +23,85 @@ from benchmarks import report
 from . import config as config_lib
 from .distributed import Dist, broadcast_object, launched_by_torchrun, setup_distributed
 from .driver import run_all
+from .folder import check_new_run, lock_folder
 from .methods import BASE_METHODS, GRAMMAR
 from .presets import PRESETS
+from .training import CheckpointError
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" only where there is a value to show (not None, not a flag's False) and the help
+    text does not already say what the default is."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument error in one line (the usage of ~30 options would bury it): the option, the value, the rule."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _number(kind: type, rule: str, accept: Callable[[Any], bool]) -> Callable[[str], Any]:
+    """An argparse ``type``: ``kind(text)`` when finite and ``accept``-ed, else an error stating ``rule``."""
+
+    def read(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {rule}, got {text!r}") from None
+        if not (math.isfinite(value) and accept(value)):
+            raise argparse.ArgumentTypeError(f"expected {rule}, got {text!r}")
+        return value
+
+    return read
+
+
+POSITIVE_INT = _number(int, "an integer >= 1", lambda v: v >= 1)
+NON_NEGATIVE_INT = _number(int, "an integer >= 0", lambda v: v >= 0)
+POSITIVE_FLOAT = _number(float, "a finite number > 0", lambda v: v > 0)
+NON_NEGATIVE_FLOAT = _number(float, "a finite number >= 0", lambda v: v >= 0)
+
+
+def _assignment(text: str) -> str:
+    """An argparse ``type`` for --lr/--penalty items: ``text`` unchanged once its value reads (a finite number
+    >= 0); the method names are read with --methods' (config.build_config)."""
+    try:
+        config_lib.assignment_value(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"{text!r}: {err}") from None
+    return text
 
 
 def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         description="Reproduce Novack et al. (ICLR 2023): SB vs LB SGD and the regularizers/grafting that close "
-                    "the gap. Writes summary.md, curves.png, metrics.csv, runs.json and config.json.",
-        allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "the gap. Writes summary.md, curves.png, metrics.csv, runs.json and config.json into --out, "
+                    "a new or empty folder (or, with --resume, the run it holds), locked while the run lasts.",
+        allow_abbrev=False, formatter_class=_HelpFormatter)
     p.add_argument("--preset", default="quick", help=f"one of: {', '.join(PRESETS)}")
-    p.add_argument("--out", type=Path, default=None, help="output folder (default results/<preset>/<timestamp>)")
-    p.add_argument("--seeds", type=int, default=None, help="number of seeds (first-seed .. first-seed+N-1)")
-    p.add_argument("--first-seed", type=int, default=None, help="first seed (default 0)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output folder, new or empty unless --resume (default results/<preset>/<timestamp>)")
+    p.add_argument("--seeds", type=POSITIVE_INT, default=None,
+                   help="number of seeds, first-seed .. first-seed+N-1 (default: the preset's)")
+    p.add_argument("--first-seed", type=NON_NEGATIVE_INT, default=None, help="first seed (default 0)")
     p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda if available")
     p.add_argument("--methods", nargs="+", default=None,
                    help=f"methods, each {GRAMMAR} (quote it) with BASE one of {' '.join(BASE_METHODS)}, "
-                        "e.g. GN 'GN@λ=0.03' 'GN@lambda=0.1-|M|=1024'")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps per method")
-    p.add_argument("--jobs", type=int, default=1,
+                        "e.g. GN 'GN@λ=0.03' 'GN@lambda=0.1-|M|=1024' (default: the preset's)")
+    p.add_argument("--steps", type=POSITIVE_INT, default=None,
+                   help="optimizer steps per method (default: the preset's)")
+    p.add_argument("--jobs", type=POSITIVE_INT, default=1,
                    help="run this many (method, seed) runs at a time, each in its own worker process (not under "
                         "torchrun)")
-    p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+    p.add_argument("--time-budget", type=POSITIVE_FLOAT, default=None, metavar="SECONDS",
                    help="start no run that would end later than SECONDS after the start (estimated from finished "
-                        "runs of its kind); finished runs are written at once, --resume continues")
+                        "runs of its kind); finished runs are written at once, --resume continues (default: no "
+                        "budget)")
     p.add_argument("--download", action="store_true", help="download the data set through torchvision if absent")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out (default: the newest under results/<preset>/) from its "
@@ -52,67 +109,134 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default=None, choices=["exact", "finite_difference"],
                    help="how GN/FT/AJ/UJ differentiate the penalty (default: exact, the paper's double backprop; "
                         "finite_difference is faster but not the paper's penalty on ReLU networks)")
-    p.add_argument("--lr", nargs="+", default=None, metavar="[METHOD=]LR", help="learning rates, e.g. SB=0.1 NGD=0.5")
-    p.add_argument("--penalty", nargs="+", default=None, metavar="[METHOD=]LAMBDA",
-                   help="λ of the methods whose name gives none, e.g. GN=0.01 (a name's @λ= wins)")
-    p.add_argument("--batch-size", type=int, default=None, help="|B|")
-    p.add_argument("--micro-batch-size", type=int, default=None, help="|M| (also SB's batch size)")
-    p.add_argument("--momentum", type=float, default=None)
-    p.add_argument("--weight-decay", type=float, default=None)
-    p.add_argument("--eval-every", type=int, default=None)
-    p.add_argument("--eval-size", type=int, default=None, help="held-out examples per evaluation (0: all)")
-    p.add_argument("--test-size", type=int, default=None, help="test examples for the final test accuracy (0: all)")
-    p.add_argument("--bn-recalibrate", type=int, default=None,
-                   help="training micro-batches to recompute BatchNorm statistics from before each evaluation (0: off)")
-    p.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints")
-    p.add_argument("--dataset", default=None, choices=list(data_lib.DATASETS))
+    p.add_argument("--lr", nargs="+", type=_assignment, default=None, metavar="[METHOD=]LR",
+                   help="learning rates, each a finite number >= 0, e.g. SB=0.1 NGD=0.5 (default: the preset's)")
+    p.add_argument("--penalty", nargs="+", type=_assignment, default=None, metavar="[METHOD=]LAMBDA",
+                   help="λ of the methods whose name gives none, each a finite number >= 0, e.g. GN=0.01 (a "
+                        "name's @λ= wins; default: the preset's)")
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=None, help="|B| (default: the preset's)")
+    p.add_argument("--micro-batch-size", type=POSITIVE_INT, default=None,
+                   help="|M|, also SB's batch size (default: the preset's)")
+    p.add_argument("--momentum", type=NON_NEGATIVE_FLOAT, default=None,
+                   help="SGD momentum of every method (default: the preset's, 0 in every preset)")
+    p.add_argument("--weight-decay", type=NON_NEGATIVE_FLOAT, default=None,
+                   help="weight decay of every method (default: the preset's, 0 in every preset)")
+    p.add_argument("--eval-every", type=POSITIVE_INT, default=None,
+                   help="steps between held-out evaluations (default: the preset's)")
+    p.add_argument("--eval-size", type=NON_NEGATIVE_INT, default=None,
+                   help="held-out examples per evaluation, 0: all (default: the preset's)")
+    p.add_argument("--test-size", type=NON_NEGATIVE_INT, default=None,
+                   help="test examples for the final test accuracy, 0: all (default: the preset's)")
+    p.add_argument("--bn-recalibrate", type=NON_NEGATIVE_INT, default=None,
+                   help="training micro-batches to recompute BatchNorm statistics from before each evaluation, "
+                        "0: off (default: the preset's)")
+    p.add_argument("--checkpoint-every", type=POSITIVE_INT, default=None,
+                   help="steps between checkpoints, rounded up to a multiple of --eval-every (default: the "
+                        "preset's, else about 1/20 of the steps)")
+    p.add_argument("--dataset", default=None, choices=list(data_lib.DATASETS),
+                   help="data set (default: the preset's)")
     p.add_argument("--data-root", default=None, help="torchvision data root (default ./data)")
-    p.add_argument("--train-size", type=int, default=None,
-                   help="train on the first N training images (the held-out set stays the last 10,000)")
-    p.add_argument("--heldout-size", type=int, default=None, help="held-out images, the last ones (default 10,000)")
+    p.add_argument("--train-size", type=POSITIVE_INT, default=None,
+                   help="train on the first N training images, the held-out set stays the last ones (default: "
+                        "the preset's, else all)")
+    p.add_argument("--heldout-size", type=POSITIVE_INT, default=None,
+                   help="held-out images, the last ones (default 10,000)")
     p.add_argument("--compare-bn-eval", action="store_true",
                    help="also evaluate with the running BatchNorm statistics before recalibrating (bn_eval.csv)")
-    p.add_argument("--model", default=None, choices=list(models_lib.MODELS))
-    p.add_argument("--widths", type=int, nargs="+", default=None, help="small-cnn channel widths")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--model", default=None, choices=list(models_lib.MODELS),
+                   help="model (default: the preset's)")
+    p.add_argument("--widths", type=POSITIVE_INT, nargs="+", default=None,
+                   help="small-cnn channel widths (default: the preset's)")
+    p.add_argument("--threads", type=POSITIVE_INT, default=None,
                    help="torch CPU threads (per run with --jobs; default there: CPU cores / jobs)")
     p.add_argument("--nondeterministic", action="store_true",
                    help="let cuDNN choose nondeterministic (sometimes faster) algorithms: runs on CUDA are then not "
                         "reproducible bit for bit (across --jobs, --resume or reruns)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--interrupt-after", type=int, default=None, help=argparse.SUPPRESS)  # test hook
+    p.add_argument("--interrupt-after", type=POSITIVE_INT, default=None, help=argparse.SUPPRESS)  # test hook
     return p
 
 
 def check_runtime_options(args: argparse.Namespace) -> None:
-    """--jobs and --time-budget: valid values; --jobs > 1 is refused under torchrun (before any process group)."""
-    if args.jobs < 1:
-        raise SystemExit(f"--jobs must be >= 1, got {args.jobs}")
+    """--jobs > 1 is refused under torchrun (before any process group); the parser checked the values."""
     if args.jobs > 1 and launched_by_torchrun():
         raise SystemExit(f"--jobs {args.jobs} cannot be used under torchrun: there every rank already trains a shard "
                          "of every run together. Use --jobs 1 with torchrun, or --jobs N without torchrun.")
-    if args.time_budget is not None and not args.time_budget > 0:
-        raise SystemExit(f"--time-budget must be a positive number of seconds, got {args.time_budget}")
 
 
-def _output_and_config(args: argparse.Namespace, ctx: Dist) -> tuple[Path, dict[str, Any], bool]:
-    """--resume: the folder's saved configuration (grown by --methods/--seeds); otherwise the configuration of
-    the options, in a new folder. The flag says whether config.json must be (re)written."""
-    if not args.resume:
-        config = config_lib.build_config(args)
-        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        return args.out or Path("results") / config["preset"] / broadcast_object(stamp, ctx), config, True
+def _on_main_rank(action: Callable[[], Any], ctx: Dist) -> Any:
+    """``action()`` on rank 0 alone (its result there, None on the other ranks). A refusal there (SystemExit)
+    is raised on every rank, so that under torchrun no rank waits forever for a rank 0 that has left."""
+    result, refusal = None, None
+    if ctx.is_main:
+        try:
+            result = action()
+        except SystemExit as err:
+            refusal = err
+    refusal = broadcast_object(refusal, ctx)
+    if refusal is not None:
+        raise refusal
+    return result
+
+
+def _resume_folder(args: argparse.Namespace) -> Path:
+    """--resume: --out, else the newest run under results/<preset>/; it must hold a config.json."""
     out = args.out
     if out is None:
         candidates = sorted((Path("results") / args.preset).glob("*/config.json"))
         if not candidates:
             raise SystemExit(f"--resume: no run under results/{args.preset}/; pass --out")
         out = candidates[-1].parent
-    if not (out / "config.json").exists():
+    if not (out / "config.json").is_file():
         raise SystemExit(f"--resume: {out}/config.json not found")
-    saved = json.loads((out / "config.json").read_text())["config"]
-    config = resumed_config(args, saved, out)
-    return out, config, (config["methods"], config["seeds"]) != (saved["methods"], saved["seeds"])
+    return out
+
+
+def _unusable_config(path: Path, why: str) -> SystemExit:
+    return SystemExit(f"--resume: {path} is not a configuration this script wrote ({why}): start a new --out, "
+                      "or put back the run's own config.json")
+
+
+def _resumed(args: argparse.Namespace, out: Path) -> tuple[dict[str, Any], bool]:
+    """The saved configuration of ``out`` grown by the options, and whether config.json must be rewritten."""
+    path = out / "config.json"
+    try:
+        saved = json.loads(path.read_text())["config"]
+    except (OSError, ValueError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise _unusable_config(path, f"{type(err).__name__}: {err}") from None
+    except (KeyError, TypeError):
+        raise _unusable_config(path, "no 'config' entry") from None
+    try:
+        config = resumed_config(args, saved, out)
+    except KeyError as err:
+        raise _unusable_config(path, f"its configuration has no {err.args[0]!r} entry") from None
+    except TypeError as err:
+        raise _unusable_config(path, f"TypeError: {err}") from None
+    return config, (config["methods"], config["seeds"]) != (saved["methods"], saved["seeds"])
+
+
+@contextlib.contextmanager
+def _claimed_output(args: argparse.Namespace, ctx: Dist) -> Iterator[tuple[Path, dict[str, Any], bool]]:
+    """The output folder, locked by rank 0 while the run lasts; its configuration; whether config.json must be
+    (re)written. --resume: the folder's saved configuration (grown by --methods/--seeds); otherwise the options'
+    configuration, in a new or empty folder (see folder.py)."""
+    if args.resume:
+        out = _resume_folder(args)
+    else:
+        config = config_lib.build_config(args)  # before any folder exists: wrong options create nothing
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        out = args.out or Path("results") / config["preset"] / broadcast_object(stamp, ctx)
+    lock = _on_main_rank(lambda: lock_folder(out), ctx)
+    try:
+        if args.resume:
+            config, write_config = _resumed(args, out)  # read under the lock: no run rewrites it meanwhile
+        else:
+            _on_main_rank(lambda: check_new_run(out), ctx)
+            write_config = True
+        yield out, config, write_config
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 # What --resume takes besides the saved configuration: where and how to run, not what to compute.
@@ -172,14 +296,9 @@ def _load_data(config: dict[str, Any]) -> data_lib.DataSplits:
         raise SystemExit(f"error: {config['dataset']}: {err}") from None
 
 
-def main(argv: Sequence[str] | None = None) -> Path:
-    started = time.monotonic()
-    args = make_parser().parse_args(argv)
-    check_runtime_options(args)
-    device_kind = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    ctx, device = setup_distributed(device_kind)
-    out, config, write_config = _output_and_config(args, ctx)
-    config["device"] = device_kind
+def _run(args: argparse.Namespace, ctx: Dist, device: torch.device, out: Path, config: dict[str, Any],
+         write_config: bool, started: float) -> None:
+    """Load the data, record the configuration (rank 0), run every planned run, print the summary."""
     threads = _threads(args, config, device)
     if threads:
         torch.set_num_threads(threads)
@@ -188,7 +307,6 @@ def main(argv: Sequence[str] | None = None) -> Path:
     env = config_lib.environment(device, ctx.world_size, args.jobs, threads)
     config["device_name"] = env["device_name"]
     if ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
         if write_config:
             report.write_json(out / "config.json", {"config": config, "environment": env})
         print(f"preset {config['preset']}: {config.get('description', '')}\n"
@@ -201,4 +319,27 @@ def main(argv: Sequence[str] | None = None) -> Path:
         if (out / "summary.md").exists():
             print((out / "summary.md").read_text())
         print(f"wrote {out}/summary.md, curves.png, metrics.csv, runs.json, config.json", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    """Run the command line ``argv``; returns the output folder. A refusal exits (SystemExit, one line); a
+    checkpoint that cannot be used raises :class:`~benchmarks.repro.training.CheckpointError`, typed for callers
+    (:func:`script_main` prints it in one line)."""
+    started = time.monotonic()
+    args = make_parser().parse_args(argv)
+    check_runtime_options(args)
+    device_kind = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    ctx, device = setup_distributed(device_kind)
+    with _claimed_output(args, ctx) as (out, config, write_config):
+        config["device"] = device_kind
+        _run(args, ctx, device, out, config, write_config, started)
     return out
+
+
+def script_main(argv: Sequence[str] | None = None) -> None:
+    """``python benchmarks/reproduce.py``: :func:`main`, with a checkpoint that cannot be used reported in one
+    line naming the file and the fix, as every other refusal is."""
+    try:
+        main(argv)
+    except CheckpointError as err:
+        raise SystemExit(f"error: {err}") from None

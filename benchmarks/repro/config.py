@@ -6,6 +6,7 @@ import argparse
 import copy
 import datetime
 import importlib.metadata
+import math
 import platform
 import subprocess
 import sys
@@ -22,23 +23,31 @@ from .methods import parse_method, resolve_hyperparameters, run_order
 from .presets import DEFAULTS, PRESETS
 
 
+def assignment_value(item: str) -> float:
+    """The VALUE of a ``[METHOD=]VALUE`` item (after the last "="): a finite number >= 0, a learning rate or a λ.
+    ValueError says why not."""
+    value = item.rpartition("=")[2]
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"cannot read {value!r} as a number (expected METHOD=VALUE or VALUE)") from None
+    if not (math.isfinite(number) and number >= 0):
+        raise ValueError(f"expected a finite number >= 0, got {value!r}")
+    return number
+
+
 def parse_assignments(items: Sequence[str] | None, what: str) -> dict[str, float]:
     """``["SB=0.1", "0.05", "GN@lambda=0.03=0.2"]`` -> {"SB": 0.1, "default": 0.05, "GN@λ=0.03": 0.2}.
 
-    The key is everything before the last "=", a method name (canonicalized) or nothing ("default")."""
+    The key is everything before the last "=", a method name (canonicalized) or nothing ("default"); the value
+    as :func:`assignment_value` reads it. SystemExit naming ``--what`` and the item when one does not read."""
     out: dict[str, float] = {}
     for item in items or []:
-        key, _, value = item.rpartition("=")
+        key = item.rpartition("=")[0]
         try:
-            number = float(value)
-        except ValueError:
-            raise SystemExit(f"--{what}: cannot read {item!r} (expected METHOD=VALUE or VALUE)") from None
-        if key:
-            try:
-                key = parse_method(key).name
-            except ValueError as err:
-                raise SystemExit(f"--{what} {item!r}: {err}") from None
-        out[key or "default"] = number
+            out[parse_method(key).name if key else "default"] = assignment_value(item)
+        except ValueError as err:
+            raise SystemExit(f"--{what} {item!r}: {err}") from None
     return out
 
 

@@ -37,7 +37,7 @@ from .config import load_data, seeds
 from .distributed import Dist, broadcast_object
 from .methods import NEEDS_SB, MethodSpec, cost_kind, run_order
 from .progress import CombinedProgress, QueueProgress, RunBar
-from .training import RunContext, RunOutput, load_finished, train_run, use_deterministic_kernels
+from .training import CheckpointError, RunContext, RunOutput, load_finished, train_run, use_deterministic_kernels
 
 
 @dataclass(frozen=True)
@@ -168,6 +168,9 @@ def _worker_main(worker: int, setup: WorkerSetup, inbox: Any, outbox: Any) -> No
         ctx.progress = lambda spec, seed, start, steps, index=index: QueueProgress(outbox, index, start)
         try:
             output, seconds = _timed_run(ctx, spec, seed, sb_norms)
+        except CheckpointError as err:  # the parent raises it as it is: its message names the file and the fix
+            outbox.put(("refused", worker, index, err))
+            return
         except BaseException:  # noqa: BLE001
             outbox.put(("error", worker, index, traceback.format_exc()))
             return
@@ -345,6 +348,8 @@ class Scheduler:
             self.outputs.add(index, output)
             self.outputs.write(plot=self.outputs.seed_complete(entry.run.seed))
             self.display.finished(index, _finished_line(self.outputs, entry.run, seconds))
+        elif event[0] == "refused":
+            raise event[3]
         elif event[0] == "error":
             _, worker, index, text = event
             what = self.outputs.plan[index].label if index is not None else "setting up"
@@ -359,14 +364,21 @@ class Scheduler:
 
 
 def _restore_finished(outputs: Outputs, budget: TimeBudget, out: Path | None, dist: Dist) -> None:
-    """--resume: the runs an earlier session finished (rank 0 reads them; every rank gets the same)."""
-    found = {}
+    """--resume: the runs an earlier session finished (rank 0 reads them; every rank gets the same, or the same
+    CheckpointError, so that under torchrun no rank waits for a rank 0 that has stopped)."""
+    found, error = {}, None
     if dist.is_main:
-        for run in outputs.plan:
-            output = load_finished(out, run.seed, run.spec)
-            if output is not None:
-                found[run.index] = output
-    for index, output in broadcast_object(found, dist).items():
+        try:
+            for run in outputs.plan:
+                output = load_finished(out, run.seed, run.spec)
+                if output is not None:
+                    found[run.index] = output
+        except CheckpointError as err:
+            error = err
+    found, error = broadcast_object((found, error), dist)
+    if error is not None:
+        raise error
+    for index, output in found.items():
         run = outputs.plan[index]
         outputs.add(index, output)
         budget.record(cost_kind(run.spec, outputs.config["resolved"][run.spec.name]), output.result["wall_s"])

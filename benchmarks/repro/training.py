@@ -1,6 +1,6 @@
 """One (method, seed) run: its training loop, its logged rows, its checkpoints and its result.
 
-Protocol (SPEC.md): the same initialization per seed for every method (the model built right after
+Protocol (docs/method.md): the same initialization per seed for every method (the model built right after
 ``torch.manual_seed(seed)``), constant lr, the same number of optimizer steps for every method, the
 same batches per seed (an :class:`~benchmarks.data.EpochSampler` seeded by the seed), held-out
 accuracy every ``eval_every`` steps, test accuracy of the best held-out checkpoint. A run depends on
@@ -36,7 +36,12 @@ class Interrupted(RuntimeError):
     """Raised by the --interrupt-after test hook, as if the process had been killed."""
 
 
-class UnsafeCheckpointError(pickle.UnpicklingError):
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used (unreadable, incomplete, or not this run's): the message, one line, names
+    the file and the fix."""
+
+
+class UnsafeCheckpointError(CheckpointError, pickle.UnpicklingError):
     """A checkpoint file that ``torch.load(..., weights_only=True)`` refuses: it needs more than tensors,
     dicts, lists, tuples, numbers, strings, bools and None, so this script did not write it, and unpickling
     it in full could run arbitrary code."""
@@ -120,12 +125,25 @@ def _save_atomic(obj: Any, path: Path) -> None:
     tmp.replace(path)
 
 
+# What each kind of checkpoint holds (see _save_checkpoint and train_run's final save).
+_PARTIAL_KEYS = ("model", "optimizer", "sampler", "aug_gen", "generator", "rows", "best", "step", "wall_s")
+_FINAL_KEYS = ("done", "rows", "result")
+_DELETE_IT = "delete it to rerun that run from scratch (the folder's other runs are kept)"
+
+
+def _reason(err: BaseException) -> str:
+    """The exception's type and the first sentence of its message: what failed, in one line."""
+    text = re.split(r"(?<=\.)\s|\n", str(err).strip(), maxsplit=1)[0]
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
 def load_checkpoint(path: Path) -> dict:
     """A checkpoint this script wrote, unpickled with ``weights_only=True``: only tensors and plain containers
     and scalars come back, so a checkpoint folder from someone else cannot run code; anything else is refused
-    with :class:`UnsafeCheckpointError`, without running any of its code."""
+    with :class:`UnsafeCheckpointError`, without running any of its code. A file that does not read (empty,
+    truncated, not a checkpoint) or lacks a key its kind holds raises :class:`CheckpointError`."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        ck = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         # torch's own message goes on to suggest ways to load it anyway: keep only the reason it gives.
         reason = re.search(r"WeightsUnpickler error: ([^\n]*?)(\.\s|$)", str(err))
@@ -135,6 +153,14 @@ def load_checkpoint(path: Path) -> dict:
             f"{': ' + reason.group(1).strip() if reason else ''}). Delete the file to rerun that run from "
             "scratch, or resume only from checkpoint folders you trust."
         ) from None
+    except Exception as err:  # noqa: BLE001 - whatever torch.load raises, the file is the problem
+        raise CheckpointError(f"{path}: cannot read this checkpoint, it is empty, truncated or not a checkpoint "
+                              f"({_reason(err)}): {_DELETE_IT}") from err
+    expected = _FINAL_KEYS if isinstance(ck, dict) and ck.get("done") else _PARTIAL_KEYS
+    missing = [key for key in expected if not isinstance(ck, dict) or key not in ck]
+    if missing:
+        raise CheckpointError(f"{path}: an incomplete checkpoint (no {', '.join(missing)}): {_DELETE_IT}")
+    return ck
 
 
 def load_finished(out: Path | None, seed: int, spec: MethodSpec) -> RunOutput | None:
@@ -167,6 +193,16 @@ def _restore(run: _Run, ck: dict, device: torch.device) -> None:
     if run.best["state"] is not None:
         run.best["state"] = {k: v.to(device) for k, v in run.best["state"].items()}
     run.norms = [torch.tensor(v, device=device) for v in ck.get("norms", [])]
+
+
+def _restore_from(run: _Run, path: Path, device: torch.device) -> None:
+    """Continue ``run`` from its partial checkpoint at ``path``; CheckpointError when it does not fit the run (a
+    model, optimizer or sampler of another configuration)."""
+    ck = load_checkpoint(path)
+    try:
+        _restore(run, ck, device)
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as err:
+        raise CheckpointError(f"{path}: does not fit this run ({_reason(err)}): {_DELETE_IT}") from err
 
 
 def checkpoint_interval(config: dict[str, Any]) -> int:
@@ -291,7 +327,7 @@ def train_run(ctx: RunContext, spec: MethodSpec, seed: int, sb_norms: Sequence[f
     path = checkpoint_path(ctx.out, seed, spec)
     run = _build(ctx, spec, seed, sb_norms)
     if path is not None and path.exists():
-        _restore(run, load_checkpoint(path), ctx.device)
+        _restore_from(run, path, ctx.device)
     writes = path is not None and ctx.dist.is_main
     progress = ctx.progress(spec, seed, run.step, steps) if ctx.progress and ctx.dist.is_main else NoProgress()
     run.restart_clock()  # a restored run's wall time counts on from here

@@ -169,11 +169,16 @@ def test_jobs_are_refused_under_torchrun(tmp_path, monkeypatch):
     assert not (tmp_path / "x").exists()
 
 
-def test_bad_runtime_options_exit_clearly(tmp_path):
-    with pytest.raises(SystemExit, match="--jobs must be >= 1"):
+def test_bad_runtime_options_exit_clearly(tmp_path, capsys):
+    """Argument errors: exit status 2 and one line naming the option, the rule and the value."""
+    with pytest.raises(SystemExit) as refused:
         _run(tmp_path / "a", "--jobs", "0")
-    with pytest.raises(SystemExit, match="--time-budget must be a positive"):
+    assert refused.value.code == 2 and "argument --jobs: expected an integer >= 1, got '0'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as refused:
         _run(tmp_path / "b", "--time-budget", "0")
+    assert refused.value.code == 2
+    assert "argument --time-budget: expected a finite number > 0, got '0'" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
 def test_resume_adds_the_methods_and_seeds_it_is_given_and_keeps_the_finished_runs(tmp_path, capsys):
