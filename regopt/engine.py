@@ -25,6 +25,7 @@ drawn: P̂ is the full step's P, with the same draws, thinned (E_S[P̂ | draws] 
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
@@ -34,7 +35,7 @@ from torch import Tensor
 from . import hvp
 from .batching import AutocastState, ClosureOutput, MicroBatch, call_closure
 from .penalties import Penalty
-from .transaction import frozen_buffers
+from .transaction import frozen_buffers, global_rng_state, set_global_rng_state
 
 
 @dataclass(frozen=True)
@@ -45,8 +46,8 @@ class Accumulation:
     ``sums = (Σ w L, Σ w R, Σ w ‖g‖², Σ_j ‖g_j‖, k)`` as one float tensor.
     ``used[i]``: whether any micro-batch's graph reached parameter i (None: all of them);
     ``used_count`` replaces it after a distributed all-reduce: on how many ranks it was used;
-    ``peer_failure`` = (number of ranks that failed before the all-reduce, Σ of their ranks, Σ of their
-    :data:`FAILURE_KINDS` codes), also filled by the all-reduce (zeros when every rank got there cleanly).
+    ``counts`` = (Σ_r k_r, then the agreement slots of :class:`regopt.distributed.Agreement`), also filled by
+    the all-reduce, in its wire dtype (exact integers), read on the host by :func:`settle`.
     """
 
     grad: list[Tensor]
@@ -55,7 +56,7 @@ class Accumulation:
     sums: Tensor
     used: list[bool] | None = None
     used_count: Tensor | None = None
-    peer_failure: Tensor | None = None
+    counts: Tensor | None = None
 
     @property
     def loss(self) -> Tensor:
@@ -75,17 +76,18 @@ class Accumulation:
         return self.sums[3] / self.sums[4]
 
     def reduced(self, grad: list[Tensor], penalty_grad: list[Tensor] | None, sums: Tensor,
-                used_count: Tensor | None = None, peer_failure: Tensor | None = None) -> "Accumulation":
-        return replace(self, grad=grad, penalty_grad=penalty_grad, sums=sums, used_count=used_count,
-                       peer_failure=peer_failure)
+                used_count: Tensor | None = None, counts: Tensor | None = None) -> "Accumulation":
+        return replace(self, grad=grad, penalty_grad=penalty_grad, sums=sums, used_count=used_count, counts=counts)
 
 
 # Why a rank failed before a distributed step's all-reduce (the code it sends in its poisoned buffer).
 FAILURE_SHARD = 1
 FAILURE_EXCEPTION = 2
+FAILURE_CALL = 3
 FAILURE_KINDS = {
     FAILURE_SHARD: "its shard of the batch is malformed or empty",
-    FAILURE_EXCEPTION: "it raised an exception before the all-reduce (in its closure or micro-batch loop)",
+    FAILURE_EXCEPTION: "it raised an exception before the all-reduce (in its loss_fn or micro-batch loop)",
+    FAILURE_CALL: "its step() call was malformed (no batch or no loss function, or arguments that do not fit)",
 }
 
 
@@ -108,16 +110,6 @@ def weighted_add(total: list[Tensor] | None, term: list[Tensor], weight: float) 
     return total
 
 
-def _rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
-    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-
-
-def _set_rng_state(state: tuple[Tensor, Tensor | None], device: torch.device) -> None:
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state(state[1], device)
-
-
 @dataclass(frozen=True)
 class StepSetup:
     """What every micro-batch of a step shares: the closure, the parameters and how to differentiate."""
@@ -131,6 +123,7 @@ class StepSetup:
     fd_eps: float = 1e-2
     closure_autocast: AutocastState | None = None
     loss_scale: float = 1.0
+    sparse_grads: bool = False  # whether g_j may be sparse (no penalty, no grafting, one process)
 
     @property
     def device(self) -> torch.device:
@@ -146,23 +139,29 @@ def micro_batch_gradients(setup: StepSetup, micro: MicroBatch,
     re-runs its forward inside a backward.
     """
     # The finite-difference pass replays the closure's random draws (dropout masks) exactly.
-    rng_before = _rng_state(setup.device) if penalized and setup.method == "finite_difference" else None
+    rng_before = global_rng_state(setup.device) if penalized and setup.method == "finite_difference" else None
     out = call_closure(setup.closure, micro, setup.count, setup.closure_autocast)
     with frozen_buffers():
         if not penalized:
             if setup.penalty is not None:  # an unsampled micro-batch: its draw, discarded (see the module docstring)
-                _penalty_draw(setup, out)
-            return out, hvp.first_order(out.loss, setup.params, setup.loss_scale)
+                _penalty_draw(setup, micro, out)
+            return out, hvp.first_order(out.loss, setup.params, setup.loss_scale, sparse=setup.sparse_grads)
         return out, _penalized_gradients(setup, micro, out, rng_before)
 
 
-def _penalty_draw(setup: StepSetup, out: ClosureOutput) -> Tensor | None:
+def _penalty_draw(setup: StepSetup, micro: MicroBatch, out: ClosureOutput) -> Tensor | None:
     """The micro-batch's random draw for its penalty (FT labels, UJ direction; None for GN, AJ)."""
     penalty = setup.penalty
     if penalty.needs_logits and out.logits is None:
         raise TypeError(
-            f"the {penalty.name} penalty needs the logits: the closure must return (loss, logits), "
-            "e.g. `def closure(x, y): logits = model(x); return F.cross_entropy(logits, y), logits`"
+            f"the {penalty.name} penalty needs the logits: loss_fn must return (loss, logits), "
+            "e.g. `def loss_fn(x, y): logits = model(x); return F.cross_entropy(logits, y), logits`"
+        )
+    if penalty.needs_logits and not out.logits.requires_grad:
+        raise ValueError(
+            f"loss_fn returned logits that do not require grad on {micro.describe(setup.count)}: the "
+            f"{penalty.name} penalty differentiates them with respect to the parameters. Return the model's "
+            "output itself (not .detach()'d, not computed under torch.no_grad())"
         )
     return penalty.sample(out.logits, setup.generator)
 
@@ -170,13 +169,13 @@ def _penalty_draw(setup: StepSetup, out: ClosureOutput) -> Tensor | None:
 def _penalized_gradients(setup: StepSetup, micro: MicroBatch, out: ClosureOutput,
                          rng_before: tuple[Tensor, Tensor | None] | None) -> hvp.MicroGradients:
     penalty, device = setup.penalty, setup.device
-    draw = _penalty_draw(setup, out)
+    draw = _penalty_draw(setup, micro, out)
 
     def gradient_at_shift() -> list[Tensor]:
         # fork_rng leaves the RNG as the first pass left it, whatever the replay draws; the caller's
         # frozen_buffers restores the buffers only after the backward, which may have saved them.
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            _set_rng_state(rng_before, device)
+            set_global_rng_state(rng_before, device)
             shifted = call_closure(setup.closure, micro, setup.count, setup.closure_autocast)
             return hvp.gradient(penalty.scalar(shifted.loss, shifted.logits, draw), setup.params, setup.loss_scale)
 
@@ -248,6 +247,7 @@ def accumulate(
     closure_autocast: AutocastState | None = None,
     loss_scale: float = 1.0,
     penalty_micro_batches: int | None = None,
+    sparse_grads: bool = False,
 ) -> Accumulation:
     """Run the closure on each micro-batch and sum the weighted gradients and statistics.
 
@@ -257,9 +257,10 @@ def accumulate(
     A parameter counts as used when any micro-batch's graph reaches it (a Python-side flag
     merged over micro-batches: no host sync).
     ``penalty_micro_batches`` m < k: the penalty on m sampled micro-batches, weighted by k/m (module docstring).
+    ``sparse_grads``: sparse g_j (nn.Embedding(sparse=True)) are summed as they are instead of refused.
     """
     setup = StepSetup(closure, len(micro_batches), params, penalty, method, generator, fd_eps, closure_autocast,
-                      loss_scale)
+                      loss_scale, sparse_grads)
     sampled = _penalized_subset(penalty, penalty_micro_batches, len(micro_batches), generator)
     scale = 1.0 if sampled is None else len(micro_batches) / len(sampled)  # k/m, 1/P(j ∈ S)
     grad_sum = penalty_grad_sum = None
@@ -288,31 +289,38 @@ def accumulate(
     return Accumulation(grad_sum, penalty_grad_sum, terms, sums, used)
 
 
-def settle(acc: Accumulation, micro_batches: Sequence[MicroBatch],
-           **step_terms: Tensor) -> tuple[str | None, list[bool]]:
-    """The step's one host synchronization: the first non-finite term (None when all are finite), and
-    which parameters the step updates (those a micro-batch used, on any rank).
+@dataclass(frozen=True)
+class Settled:
+    """What the step's one host synchronization found."""
+
+    problem: str | None  # the first non-finite term, None when every term is finite
+    used: list[bool]  # which parameters the step updates: those a micro-batch used, on any rank
+    num_micro_batches: int  # k, all ranks together
+    agreement: list[float] | None = None  # the all-reduced agreement slots (regopt.distributed.Agreement)
+
+
+def settle(acc: Accumulation, micro_batches: Sequence[MicroBatch], **step_terms: Tensor) -> Settled:
+    """The step's one host synchronization: whether every term is finite, and which parameters the step updates.
 
     Checks this process's per-micro-batch terms, then the (possibly all-reduced) sums and
     the 0-dim ``step_terms`` given by name (the large-batch gradient norm ‖G‖). After an
-    all-reduce the usage counts and the failure counts travel to the host in the same transfer as the
-    check, and a rank that failed before the all-reduce (``acc.peer_failure``) makes this raise
-    FloatingPointError (:func:`peer_failure_message`), whatever the skip settings: that rank raised.
+    all-reduce the decision reads reduced values only, so that every rank decides alike (a rank's
+    non-finite term reaches the reduced sums: :func:`regopt.distributed.all_reduce_accumulation`), and the
+    usage counts, Σ_r k_r and the agreement slots travel to the host in the same transfer.
     """
     finite = torch.isfinite(acc.terms)
     named = torch.stack([acc.sums.isfinite().all()] + [t.isfinite() for t in step_terms.values()])
-    all_finite = finite.all() & named.all()
     if acc.used_count is None:
-        ok, used = bool(all_finite), acc.used if acc.used is not None else [True] * len(acc.grad)
+        ok, count, agreement = bool(finite.all() & named.all()), len(micro_batches), None
+        used = acc.used if acc.used is not None else [True] * len(acc.grad)
     else:
-        failure = acc.peer_failure if acc.peer_failure is not None else acc.used_count.new_zeros(3)
-        on_host = torch.cat([all_finite.to(acc.used_count.dtype).reshape(1), failure, acc.used_count]).tolist()
-        if on_host[1] > 0:
-            raise FloatingPointError(peer_failure_message(*(int(v) for v in on_host[1:4])))
-        ok, used = on_host[0] == 1, [count > 0 for count in on_host[4:]]
-    if ok:
-        return None, used
-    return _describe_nonfinite(acc, micro_batches, finite, named, step_terms), used
+        slots = len(acc.counts)
+        on_host = torch.cat([named.all().to(acc.counts.dtype).reshape(1), acc.counts, acc.used_count]).tolist()
+        # Σk is NaN when a rank failed before the all-reduce (its sums are NaN); the step then raises anyway.
+        ok, count, agreement = on_host[0] == 1, int(on_host[1]) if math.isfinite(on_host[1]) else 0, on_host[2:1 + slots]
+        used = [n > 0 for n in on_host[1 + slots:]]
+    problem = None if ok else _describe_nonfinite(acc, micro_batches, finite, named, step_terms)
+    return Settled(problem, used, count, agreement)
 
 
 def _describe_nonfinite(acc: Accumulation, micro_batches: Sequence[MicroBatch], finite: Tensor, named: Tensor,

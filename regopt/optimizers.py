@@ -11,6 +11,7 @@ optimizer's scalar S_j (see :mod:`regopt.penalties`).
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import replace
 from collections.abc import Callable
@@ -22,8 +23,8 @@ from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
 from . import distributed, engine, hvp, penalties
-from .batching import Batch, autocast_state, check_micro_batch_size, split_batch
-from .closures import step_arguments
+from .batching import Batch, as_integer, autocast_state, check_micro_batch_size, split_batch
+from .closures import check_trainer_accumulation, step_arguments
 from .engine import Accumulation, accumulate, settle
 from .penalties import Penalty
 from .stats import StepStats
@@ -35,11 +36,11 @@ _INITIAL_DYNAMIC_SCALE = 2.0**16
 _DYNAMIC_SCALE_GROWTH_INTERVAL = 2000
 _DEFAULT_GROUP = "default"
 CLOSURE_CALLED_BACKWARD = (
-    "the closure wrote .grad (it called backward()): regopt's closure must return the mean loss over its "
+    "loss_fn wrote .grad (it called backward()): regopt's loss_fn must return the mean loss over its "
     "micro-batch (or (loss, logits)) and must not call backward() or zero_grad(); regopt differentiates it "
     "itself, once per micro-batch. For example:\n"
-    "    def closure(x, y): return F.cross_entropy(model(x), y)\n"
-    "    optimizer.step(closure, (x, y))\n"
+    "    def loss_fn(x, y): return F.cross_entropy(model(x), y)\n"
+    "    optimizer.step(loss_fn, (x, y))\n"
     "The step was not taken, and .grad is as it was before it."
 )
 
@@ -53,51 +54,142 @@ def check_hyperparameter(value: Any, name: str) -> None:
         raise ValueError(f"Invalid {name}: {value} (expected a finite number >= 0)")
 
 
-def check_penalty_micro_batches(value: Any) -> None:
-    """None or an int ≥ 1 (bool refused), else ValueError "Invalid penalty_micro_batches: <value>"."""
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+def check_penalty_micro_batches(value: Any) -> int | None:
+    """None or an integral number ≥ 1 (bool refused), as an int; else ValueError "Invalid penalty_micro_batches"."""
+    count = as_integer(value)
+    if value is not None and (count is None or count < 1):
         raise ValueError(f"Invalid penalty_micro_batches: {value!r} (expected None or an int >= 1)")
+    return count
 
 
-class MicroBatchSGD(torch.optim.SGD):
-    r"""Large-batch SGD over micro-batches ("LB SGD", the paper's baseline).
+def check_max_grad_norm(value: Any) -> Any:
+    """None or a finite number ≥ 0."""
+    if value is not None:
+        check_hyperparameter(value, "max_grad_norm value")
+    return value
 
-    .. math::
-        G = \sum_j w_j \nabla_\theta L_j(\theta), \qquad \theta \leftarrow \mathrm{SGD\_update}(\theta, G)
 
-    Each micro-batch is forwarded once in train mode (so BatchNorm statistics are
-    per micro-batch, "ghost" batch norm) and its graph is freed before the next.
+def check_loss_scale(value: Any) -> Any:
+    """None, ``"dynamic"`` or a finite number > 0."""
+    if value is not None and value != "dynamic":
+        check_hyperparameter(value, "loss_scale value")
+        if value == 0:
+            raise ValueError("Invalid loss_scale value: 0 (expected 'dynamic', None or a finite number > 0)")
+    return value
 
-    Args:
+
+def check_penalty(value: Any) -> float:
+    """λ: a finite number ≥ 0, as a float."""
+    check_hyperparameter(value, "penalty value")
+    return float(value)
+
+
+def check_method(value: Any) -> str:
+    """One of :data:`regopt.hvp.METHODS`."""
+    if value not in hvp.METHODS:
+        raise ValueError(f"Invalid method: {value!r} (expected one of {', '.join(map(repr, hvp.METHODS))})")
+    return value
+
+
+def check_fd_eps(value: Any) -> float:
+    """ε: a finite number > 0, as a float (its size against ‖θ‖ is checked when a step starts)."""
+    check_hyperparameter(value, "fd_eps value")
+    if value == 0:
+        raise ValueError("Invalid fd_eps value: 0 (expected a finite number > 0)")
+    return float(value)
+
+
+class Checked:
+    """An attribute whose every assignment goes through ``check`` (which returns the value to keep), so that
+    ``optimizer.penalty_micro_batches = 0`` after construction is refused with the constructor's message."""
+
+    def __init__(self, check: Callable[[Any], Any]) -> None:
+        self.check = check
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.slot = f"_{name}_value"
+
+    def __get__(self, optimizer: Any, owner: type | None = None) -> Any:
+        return self if optimizer is None else optimizer.__dict__[self.slot]
+
+    def __set__(self, optimizer: Any, value: Any) -> None:
+        optimizer.__dict__[self.slot] = self.check(value)
+
+
+def private_generator(device: torch.device) -> torch.Generator:
+    """A generator on ``device`` seeded by a hash of ``torch.initial_seed()``: ``torch.manual_seed(s)`` before
+    construction fixes its draws, without drawing from (or correlating with) the global RNG's stream."""
+    digest = hashlib.blake2b(f"regopt penalty draws {torch.initial_seed()}".encode(), digest_size=8).digest()
+    generator = torch.Generator(device=device if device.type != "meta" else "cpu")
+    return generator.manual_seed(int.from_bytes(digest, "little") >> 1)
+
+
+def check_autograd_available(params: list[Tensor]) -> None:
+    """Refuse a step that autograd cannot differentiate: inside torch.inference_mode(), or of inference tensors."""
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            "step was called inside torch.inference_mode(), where autograd cannot run: a regopt step "
+            "differentiates its loss function (as torch.optim.LBFGS does its closure). Call step outside "
+            "inference_mode (inside torch.no_grad() is fine: the step enables grad itself)"
+        )
+    if any(p.is_inference() for p in params):
+        raise RuntimeError(
+            "some parameters are inference tensors (created or loaded under torch.inference_mode()), which "
+            "autograd cannot differentiate: create the model outside inference_mode, or replace each such "
+            "parameter by a clone made outside it"
+        )
+
+
+# Argument and step text shared by the public classes' docstrings (interpolated, as torch.optim does).
+_SGD_ARGS = """\
         params, lr, momentum, dampening, weight_decay, nesterov, maximize, foreach, fused:
-            as in :class:`torch.optim.SGD`.
-        micro_batch_size: |M|, examples per micro-batch (the last may be smaller).
+            as in :class:`torch.optim.SGD` (the same defaults, per-group behaviour and validation).
+        micro_batch_size: |M|, examples per micro-batch (the last may be smaller)."""
+_OPTIMIZER_ARGS = """\
         max_grad_norm: if given, the applied gradient (penalty included) is clipped to this
             total norm, as by :func:`torch.nn.utils.clip_grad_norm_`, before momentum.
         skip_nonfinite: on a non-finite loss, penalty or gradient, skip the step (nothing
             changes; ``stats.skipped`` is True) instead of raising FloatingPointError.
         loss_scale: for float16 autocast: ``"dynamic"`` (torch.amp.GradScaler's rule: start at
-            2¹⁶, halve on a non-finite step, double after 2000 finite steps) or a fixed float.
-            Every backward runs on the scaled scalar, each micro-batch gradient is unscaled
-            before it is squared, and a non-finite step is skipped (``stats.skipped``) rather
-            than raised. The current scale is ``optimizer.current_loss_scale`` (in ``state_dict()``).
+            2¹⁶, halve on a non-finite step, double after 2000 finite steps) or a fixed float; a
+            non-finite step is then skipped (``stats.skipped``) rather than raised. The current
+            scale is ``optimizer.current_loss_scale`` (in ``state_dict()``).
         process_group: the torch.distributed group whose ranks share each step (each passes
             its own shard of the batch); ``"default"``: the world group *at each step* when
             torch.distributed is initialized then (with more than one rank), so the optimizer may be
-            built before ``dist.init_process_group``; None: no communication.
+            built before ``dist.init_process_group``; None: no communication."""
+_STEP = """\
+    ``step(loss_fn, batch)`` calls ``loss_fn(*parts)`` (tuple/list batch), ``loss_fn(**parts)`` (dict) or
+    ``loss_fn(t)`` (tensor) once per micro-batch; it returns the mean loss over the micro-batch, or
+    ``(loss, logits)``, and must not call ``backward()``. ``step`` returns Σ_j w_j L_j (detached), leaves the
+    applied gradient in ``.grad`` (None for a frozen or unused parameter, which is not updated) and its
+    measurements in ``self.stats`` (:class:`~regopt.StepStats`). A step that raises or is skipped changes
+    nothing. See docs/usage.md."""
 
-    ``step(closure, batch)`` calls ``closure(*parts)`` (tuple/list batch), ``closure(**parts)``
-    (dict) or ``closure(t)`` (tensor) once per micro-batch; the closure returns the mean
-    loss over it, or ``(loss, logits)``, and must not call ``backward()``. ``step`` returns
-    Σ_j w_j L_j (detached) and its measurements in ``self.stats`` (:class:`~regopt.StepStats`).
-    Only the parameters that require grad at step time are stepped, and of those only the ones
-    some micro-batch's graph reaches; ``.grad`` then holds the applied gradient for the stepped
-    parameters and None for the others (frozen or unused: no weight decay, no momentum), as after
-    ``zero_grad(); loss.backward()`` with torch.optim.SGD. A step that raises or is skipped
-    changes nothing: parameters, ``.grad``, optimizer state, generator, module buffers.
+
+class MicroBatchSGD(torch.optim.SGD):
+    __doc__ = rf"""Large-batch SGD over micro-batches ("LB SGD", the paper's baseline).
+
+    .. math::
+        G = \sum_j w_j \nabla_\theta L_j(\theta), \qquad \theta \leftarrow \mathrm{{SGD\_update}}(\theta, G)
+
+    Each micro-batch is forwarded once in train mode (so BatchNorm statistics are
+    per micro-batch, "ghost" batch norm) and its graph is freed before the next.
+
+    Args:
+{_SGD_ARGS}
+{_OPTIMIZER_ARGS}
+
+{_STEP}
     """
 
     _penalty: Penalty | None = None
+    _distributed_calls = 0  # step calls under a process group: the ranks compare them (distributed.Agreement)
+    generator: torch.Generator | None = None  # the penalized optimizers' random draws (none here)
+    _private_generator: torch.Generator | None = None  # theirs when generator is None
+    micro_batch_size = Checked(check_micro_batch_size)
+    max_grad_norm = Checked(check_max_grad_norm)
+    loss_scale = Checked(check_loss_scale)
 
     def __init__(
         self,
@@ -117,12 +209,8 @@ class MicroBatchSGD(torch.optim.SGD):
         loss_scale: float | str | None = None,
         process_group: Any = "default",
     ) -> None:
-        if max_grad_norm is not None:
-            check_hyperparameter(max_grad_norm, "max_grad_norm value")
-        if loss_scale is not None and loss_scale != "dynamic":
-            check_hyperparameter(loss_scale, "loss_scale value")
-            if loss_scale == 0:
-                raise ValueError("Invalid loss_scale value: 0 (expected 'dynamic', None or a finite number > 0)")
+        check_max_grad_norm(max_grad_norm)
+        check_loss_scale(loss_scale)
         if not (isinstance(lr, Tensor) and lr.numel() != 1):  # SGD words that case itself
             check_hyperparameter(lr, "learning rate")
         check_hyperparameter(momentum, "momentum value")
@@ -136,7 +224,6 @@ class MicroBatchSGD(torch.optim.SGD):
         self.process_group = process_group
         self.method = "exact"
         self.fd_eps = 1e-2
-        self.generator: torch.Generator | None = None
         self.penalty_micro_batches: int | None = None
         self.stats: StepStats | None = None
 
@@ -192,8 +279,9 @@ class MicroBatchSGD(torch.optim.SGD):
     def state_dict(self) -> dict[str, Any]:
         state_dict = super().state_dict()
         extra = {"step": 0, **self._extra_state}
-        if self.generator is not None:
-            extra["generator_state"] = self.generator.get_state()
+        source = self._draw_source()
+        if source is not None:
+            extra["generator_state"] = source.get_state()
         state_dict["state"][_STATE_KEY] = extra
         return state_dict
 
@@ -201,9 +289,18 @@ class MicroBatchSGD(torch.optim.SGD):
         super().load_state_dict(state_dict)
         extra = dict(self._extra_state)
         generator_state = extra.pop("generator_state", None)
-        if generator_state is not None and self.generator is not None:
-            self.generator.set_state(generator_state)
+        source = self._draw_source()
+        if generator_state is not None and source is not None:
+            source.set_state(generator_state)
         self.state[_STATE_KEY] = extra
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What copy.deepcopy, pickle and torch.save keep: torch.optim's defaults, state and param_groups, and
+        regopt's settings and generators (copied by state); hooks are dropped, as torch.optim drops them."""
+        return {name: value for name, value in self.__dict__.items() if not name.startswith("_optimizer_")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)  # torch.optim's: empty hooks, defaults of newer versions
 
     def _trainable_params(self) -> list[Tensor]:
         """The parameters stepped now: those of the optimizer that require grad at step time."""
@@ -222,21 +319,31 @@ class MicroBatchSGD(torch.optim.SGD):
     # -- the step -----------------------------------------------------------------------
     def step(self, closure: Callable[..., Any] | None = None, batch: Batch | None = None, *,  # type: ignore[override]
              loss_fn: Callable[..., Any] | None = None) -> Tensor:
-        """One step on ``batch``: ``closure(*micro_batch)`` (or ``loss_fn``) returns the mean loss over a micro-batch.
+        """One step on ``batch``: ``loss_fn(*micro_batch)`` returns the mean loss over a micro-batch.
 
-        ``step(closure, batch)``, ``step(batch=batch, loss_fn=fn)`` (a trainer's zero-argument closure, if
+        ``step(loss_fn, batch)``, ``step(batch=batch, loss_fn=loss_fn)`` (a trainer's zero-argument closure, if
         given, is then called once after ``.grad`` is written and before the update) and
-        ``step(regopt.BatchClosure(fn, batch))`` are the same step; see :mod:`regopt.closures`.
+        ``step(regopt.BatchClosure(loss_fn, batch))`` are the same step; see :mod:`regopt.closures`.
         Returns the mean loss over the batch (a 0-dim tensor, no host sync).
         """
-        arguments = step_arguments(type(self).__name__, closure, batch, loss_fn)
         group = self.process_group  # resolved now: the world group at step time
+        if group is not None:  # this call's number in the group's sequence of steps (distributed.Agreement)
+            self._distributed_calls += 1
+        try:
+            arguments = step_arguments(type(self).__name__, closure, batch, loss_fn)
+        except TypeError:
+            self._join_refused_call(group)
+            raise
+        check_trainer_accumulation(type(self).__name__)
         params = self._trainable_params()
+        check_autograd_available(params)
         device = params[0].device
         closure_autocast = autocast_state(device)
-        transaction = StepTransaction(params, self.generator)
+        transaction = StepTransaction(params, self._draw_source(device))
         # Only the closure runs under the caller's autocast: norms, penalties and the update use full precision.
-        with torch.autocast(device.type, enabled=False):
+        # Grad mode is on whatever the caller's (as torch.optim.LBFGS does for its closure): the penalties'
+        # double backward needs it, and under torch.no_grad() it would silently build no graph.
+        with torch.enable_grad(), torch.autocast(device.type, enabled=False):
             return self._step(arguments, params, group, transaction, closure_autocast)
 
     def _step(self, arguments, params, group, transaction, closure_autocast) -> Tensor:
@@ -250,10 +357,11 @@ class MicroBatchSGD(torch.optim.SGD):
             self._prepare_step(params, closure_autocast)
             generator = self._draw_generator(group)
             # the closure must call ddp_model.module, not ddp_model; every buffer a forward touches is recorded
-            with distributed.ddp_forward_guard(), transaction.buffers.recording():
+            with distributed.ddp_forward_guard(), transaction.buffers.recording(), \
+                    hvp.naming_modules(transaction.buffers.modules):
                 acc = accumulate(closure, micro_batches, params, self._penalty, self.method, generator,
                                  self.fd_eps, closure_autocast, self.current_loss_scale,
-                                 self.penalty_micro_batches)
+                                 self.penalty_micro_batches, sparse_grads=self._sparse_grads_allowed(group))
             if transaction.grads_were_written():
                 raise TypeError(CLOSURE_CALLED_BACKWARD)
             combined = group is not None and self._penalty is not None and not self._wire_penalty_grad()
@@ -261,17 +369,21 @@ class MicroBatchSGD(torch.optim.SGD):
                 acc = replace(acc, grad=self._add_penalty(acc.grad, acc.penalty_grad, params), penalty_grad=None)
             if group is not None:
                 reduced = True
-                acc = distributed.all_reduce_accumulation(acc, micro_batches[-1].stop, group)
+                acc = distributed.all_reduce_accumulation(acc, micro_batches[-1].stop, group, self._distributed_calls,
+                                                          hook=arguments.hook is not None)
             grad_norm = hvp.squared_norm(acc.grad).sqrt()
             norm_name = "applied gradient norm ‖G ± λP‖" if combined else "large-batch gradient norm ‖G‖"
-            problem, used = settle(acc, micro_batches, **{norm_name: grad_norm})
+            settled = settle(acc, micro_batches, **{norm_name: grad_norm})
+            problem, used = settled.problem, settled.used
+            hooks = arguments.hook is not None if group is None else distributed.check_agreement(
+                settled.agreement, group, acc.counts.dtype, self._distributed_calls, arguments.hook is not None)
             if problem is not None and not (self.skip_nonfinite or self.loss_scale is not None):
                 raise FloatingPointError(f"{problem}; the step was not taken")
         except BaseException as error:
             called_backward = transaction.grads_were_written()
             transaction.rollback()  # a failed step changes nothing
             if group is not None and not reduced:  # don't leave the other ranks waiting in the all-reduce
-                distributed.join_failed_step(params, self._wire_penalty_grad(), group, failure)
+                distributed.join_failed_step(params, self._wire_penalty_grad(), group, failure, self._distributed_calls)
             if called_backward and isinstance(error, Exception) and not isinstance(error, TypeError):
                 raise TypeError(CLOSURE_CALLED_BACKWARD) from error
             raise
@@ -280,7 +392,7 @@ class MicroBatchSGD(torch.optim.SGD):
             penalty=acc.penalty,
             micro_grad_sq_norm=acc.micro_grad_sq_norm,
             grad_norm=torch.full_like(grad_norm, math.nan) if combined else grad_norm,
-            num_micro_batches=int(acc.sums[4]) if group is not None else len(micro_batches),
+            num_micro_batches=settled.num_micro_batches,
             skipped=problem is not None,
         )
         if problem is not None:  # skip_nonfinite or loss scaling: like a step never taken
@@ -288,9 +400,9 @@ class MicroBatchSGD(torch.optim.SGD):
         else:
             self._write_grads(params, self._applied_gradient(acc, grad_norm, params), used)
         previous_stats, self.stats = self.stats, stats
-        if arguments.hook is not None:  # a trainer's closure: sees .grad and stats as the update will
+        if hooks:  # a trainer's closure: sees .grad and stats as the update will
             try:
-                arguments.hook()
+                self._call_hook(arguments.hook, group, params)
             except BaseException:
                 transaction.rollback()
                 self.stats = previous_stats
@@ -299,6 +411,35 @@ class MicroBatchSGD(torch.optim.SGD):
         if problem is None:
             self._update(params)
         return acc.loss
+
+    def _call_hook(self, hook: Callable[[], Any] | None, group: Any, params: list[Tensor]) -> None:
+        """Call a trainer's closure, if this step got one. Under a process group every rank then learns whether
+        any rank's raised (:func:`regopt.distributed.agree_on_hook`, when any rank's step got one), and raises
+        if so, so that every rank commits or none does."""
+        error = None
+        if hook is not None:
+            try:
+                hook()
+            except BaseException as raised:  # the others must hear of it before this rank re-raises
+                error = raised
+        if group is not None:
+            count, rank_sum = distributed.agree_on_hook(error is not None, params, group)
+            if error is None and count > 0:
+                raise RuntimeError(distributed.hook_failure_message(count, rank_sum))
+        if error is not None:
+            raise error
+
+    def _join_refused_call(self, group: Any) -> None:
+        """After a malformed step call, join the step's all-reduce (poisoned) so that the other ranks raise too
+        instead of waiting for this one; without trainable parameters there is no buffer layout to join with."""
+        if group is None:
+            return
+        try:
+            params = self._trainable_params()
+        except (TypeError, ValueError):
+            return
+        distributed.join_failed_step(params, self._wire_penalty_grad(), group, engine.FAILURE_CALL,
+                                     self._distributed_calls)
 
     def _write_grads(self, params: list[Tensor], applied: list[Tensor], used: list[bool]) -> None:
         """Write ``.grad``: the applied gradient, None for an unused parameter (SGD then skips it)."""
@@ -314,14 +455,31 @@ class MicroBatchSGD(torch.optim.SGD):
         if self.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm, foreach=self.defaults["foreach"])
         sgd_update(self)
+        torch.clear_autocast_cache()  # its low-precision copies of the parameters are stale now
         self._update_state(step=self.step_count + 1)
 
     def _prepare_step(self, params: list[Tensor], closure_autocast: tuple[str, torch.dtype, bool]) -> None:
         """Check, before any work, what the step will need besides its batch (nothing here)."""
 
+    def _draw_source(self, device: torch.device | None = None) -> torch.Generator | None:
+        """The generator the penalties draw from: ``generator``, else the optimizer's own (None: no draws).
+
+        The optimizer's own follows the parameters to ``device`` (reseeded from its state: deterministic)."""
+        if self.generator is not None:
+            return self.generator
+        own = self._private_generator
+        if own is not None and device is not None and own.device.type != device.type:
+            own = self._private_generator = torch.Generator(device).manual_seed(engine.state_seed(own.get_state()))
+        return own
+
     def _draw_generator(self, group: Any) -> torch.Generator | None:
-        """The generator this step's random draws come from: ``self.generator`` here (see _PenalizedSGD)."""
-        return self.generator
+        """The generator this step's random draws come from: :meth:`_draw_source` here (see _PenalizedSGD)."""
+        return self._draw_source()
+
+    def _sparse_grads_allowed(self, group: Any) -> bool:
+        """Whether G may be sparse, as torch.optim.SGD takes a sparse .grad: with no penalty, on one process (the
+        all-reduce packs one dense buffer), without weight decay (SGD cannot add it to a sparse gradient)."""
+        return self._penalty is None and group is None and all(g["weight_decay"] == 0 for g in self.param_groups)
 
     def _wire_penalty_grad(self) -> bool:
         """Whether a distributed step all-reduces P = Σ_j w_j ∇R_j apart from G (penalized: by default)."""
@@ -337,71 +495,86 @@ class MicroBatchSGD(torch.optim.SGD):
         return [id(p) in ascending for p in params]
 
 
+_PENALTY_ARGS = """\
+        penalty: λ ≥ 0, the weight of R_j.
+        method: ``"exact"`` (double backprop) or ``"finite_difference"`` (a forward-difference
+            Hessian-vector product: one extra forward+backward per micro-batch, no double backward;
+            faithful on smooth models only, see docs/usage.md).
+        fd_eps: ε, the finite-difference step along v̂_j: refused below eps(dtype)·‖θ‖ (where rounding
+            θ + ε v̂_j loses the shift), warned about below 100 times that.
+        generator: a torch.Generator on the parameters' device driving every random draw (FT labels,
+            UJ directions, penalty subsets); its state is saved in ``state_dict()``.
+        penalty_micro_batches: m, or None. With m < k micro-batches in the step, the penalty runs on m
+            of them, drawn without replacement each step and weighted by k/m (unbiased; G and the
+            statistics stay exact); None or m ≥ k: on every micro-batch. Per rank when distributed.
+        rank_independent_draws: distributed steps with a ``generator``: True (default), each rank draws
+            from its own stream derived from (``generator``'s state, rank); False, from ``generator``
+            itself, to reproduce a single-process run draw for draw (docs/distributed.md).
+        exact_grad_norm: distributed steps: True (default), the all-reduce carries G and P apart, so
+            that ``stats.grad_norm`` = ‖G‖; False, G ± λP alone (half the volume, the same update,
+            ``stats.grad_norm`` NaN)."""
+
+
+def _penalized_doc(summary: str, extra_args: str = "") -> str:
+    """A penalized class's docstring: its R_j (``summary``), the update, every argument, the step."""
+    return rf"""{summary}
+
+    .. math::
+        \theta \leftarrow \mathrm{{SGD\_update}}\Big(\theta, \sum_j w_j \big[\nabla L_j + \lambda \nabla R_j\big]\Big)
+
+    With ``maximize=True`` the loss is ascended and the penalty still minimized: SGD(maximize=True)
+    receives G − λP (P = Σ_j w_j ∇R_j), so that without momentum θ ← θ + lr (G − λP).
+
+    Args:
+{_SGD_ARGS}
+{_PENALTY_ARGS}{extra_args}
+{_OPTIMIZER_ARGS}
+
+{_STEP}
+    """
+
+
 class _PenalizedSGD(MicroBatchSGD):
     r"""MicroBatchSGD plus λ · Σ_j w_j R_j, R_j = ‖∇_θ S_j‖² for the class's penalty S_j.
 
     .. math::
         \theta \leftarrow \mathrm{SGD\_update}\Big(\theta, \sum_j w_j \big[\nabla L_j + \lambda \nabla R_j\big]\Big)
 
-    Args (besides MicroBatchSGD's):
-        penalty: λ ≥ 0.
-        method: ``"exact"`` (double backprop) or ``"finite_difference"`` (forward-difference
-            Hessian-vector product, one extra forward+backward per micro-batch).
-        fd_eps: ε, the finite-difference step length along v̂_j: refused below eps(dtype)·‖θ‖, where
-            rounding θ + ε v̂_j loses the shift, and warned about below 100 times that (in the coarser
-            of the parameters' and the closure's autocast dtype).
-        generator: a torch.Generator on the parameters' device driving every random draw
-            (None: the global RNG); its state is saved in ``state_dict()``.
-        penalty_micro_batches: m, or None. With k micro-batches in the step and m < k, only m of
-            them, drawn uniformly without replacement once per step (from ``generator``, else the
-            global CPU RNG), get the penalty, each weighted by k/m:
-            P̂ = Σ_{j∈S} (k/m) w_j ∇R_j, so E[P̂] = Σ_j w_j ∇R_j (``stats.penalty`` likewise; G and
-            ``stats.micro_grad_sq_norm`` stay exact). The others take the first-order path, so a step
-            costs about (1 + c·m/k) large-batch steps, c the penalty's extra cost. m ≥ k or None: every
-            micro-batch (bit-identical to the full penalty). Distributed: m is per rank (each rank
-            samples min(m, k_r) of its own k_r micro-batches with weight k_r / min(m, k_r)).
-        rank_independent_draws: distributed steps with a ``generator`` only. True (default): each
-            step, rank r draws from a generator seeded by a hash of (``generator``'s state, r), and
-            ``generator`` advances by one draw (:func:`regopt.distributed.rank_draw_generator`), so
-            ranks whose generators share a state (same seed) still draw independently, and a resumed
-            run (``state_dict()`` holds the state) draws the same numbers. False: each rank draws from
-            ``generator`` itself, so rank r reproduces a single-process run draw for draw when its
-            generator starts in the state that run reaches at rank r's first micro-batch. With
-            ``generator=None`` the global RNG is used as is, on every rank: seed it per rank
-            (``torch.manual_seed(seed + rank)``) for independent draws.
-        exact_grad_norm: distributed steps only. True (default): the all-reduce carries G and P apart,
-            2N values for N parameters, since ``stats.grad_norm`` = ‖G‖ = ‖Σ_r G_r‖ needs the global G.
-            False: each rank adds λP_r to G_r first and the all-reduce carries G ± λP alone (N values,
-            half the volume); the update is the same up to rounding, and ``stats.grad_norm`` is NaN
-            (not measured; the non-finite check uses ‖G ± λP‖). Single-process steps ignore it.
-
-    With ``maximize=True`` the loss is ascended and the penalty still minimized: SGD(maximize=True)
-    receives G − λP, so that without momentum θ ← θ + lr (G − λP).
+    Args: see :class:`GradNormSGD`.
     """
+
+    penalty = Checked(check_penalty)
+    method = Checked(check_method)
+    fd_eps = Checked(check_fd_eps)
+    penalty_micro_batches = Checked(check_penalty_micro_batches)
 
     def __init__(self, params: ParamsT, lr: float | Tensor = 1e-3, momentum: float = 0, dampening: float = 0,
                  weight_decay: float | Tensor = 0, nesterov: bool = False, *, micro_batch_size: int,
                  penalty: float, method: str = "exact", fd_eps: float = 1e-2,
                  generator: torch.Generator | None = None, penalty_micro_batches: int | None = None,
-                 rank_independent_draws: bool = True, exact_grad_norm: bool = True, **kwargs: Any) -> None:
-        check_hyperparameter(penalty, "penalty value")
+                 rank_independent_draws: bool = True, exact_grad_norm: bool = True, maximize: bool = False,
+                 foreach: bool | None = None, fused: bool | None = None, max_grad_norm: float | None = None,
+                 skip_nonfinite: bool = False, loss_scale: float | str | None = None,
+                 process_group: Any = "default") -> None:
+        check_penalty(penalty)
         check_penalty_micro_batches(penalty_micro_batches)
-        if method not in hvp.METHODS:
-            raise ValueError(f"Invalid method: {method!r} (expected one of {', '.join(map(repr, hvp.METHODS))})")
-        check_hyperparameter(fd_eps, "fd_eps value")
-        if fd_eps == 0:
-            raise ValueError("Invalid fd_eps value: 0 (expected a finite number > 0)")
+        check_method(method)
+        check_fd_eps(fd_eps)
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         super().__init__(params, lr, momentum, dampening, weight_decay, nesterov, micro_batch_size=micro_batch_size,
-                         **kwargs)
+                         maximize=maximize, foreach=foreach, fused=fused, max_grad_norm=max_grad_norm,
+                         skip_nonfinite=skip_nonfinite, loss_scale=loss_scale, process_group=process_group)
         device = self.param_groups[0]["params"][0].device
         if generator is not None and generator.device.type != device.type:
             raise ValueError(f"generator is on {generator.device}, expected the parameters' device {device}")
-        self.penalty = float(penalty)
+        self.penalty = penalty
         self.method = method
-        self.fd_eps = float(fd_eps)
+        self.fd_eps = fd_eps
         self.generator = generator
+        # generator=None: the draws come from a generator of the optimizer's own, saved in state_dict(), so that
+        # a resumed run draws what the uninterrupted one did and a failed step can put it back.
+        self._private_generator = private_generator(device) if generator is None else None
         self.penalty_micro_batches = penalty_micro_batches
         self.rank_independent_draws = bool(rank_independent_draws)
         self.exact_grad_norm = bool(exact_grad_norm)
@@ -415,10 +588,11 @@ class _PenalizedSGD(MicroBatchSGD):
             self._check_fd_eps(params, closure_autocast[1] if closure_autocast[2] else None)
 
     def _draw_generator(self, group: Any) -> torch.Generator | None:
-        """A per-rank stream (distributed step, ``rank_independent_draws``, a generator), else ``self.generator``."""
-        if group is None or self.generator is None or not self.rank_independent_draws:
-            return self.generator
-        return distributed.rank_draw_generator(self.generator, torch.distributed.get_rank(group))
+        """A per-rank stream (distributed step, ``rank_independent_draws``), else :meth:`_draw_source`."""
+        source = self._draw_source()
+        if group is None or not self.rank_independent_draws:
+            return source
+        return distributed.rank_draw_generator(source, torch.distributed.get_rank(group))
 
     def _check_fd_eps(self, params: list[Tensor], compute_dtype: torch.dtype | None) -> None:
         """fd_eps against the coarsest parameter dtype and ‖θ‖ (measured once: no host sync in a step)."""
@@ -454,33 +628,45 @@ class _PenalizedSGD(MicroBatchSGD):
 
 
 class GradNormSGD(_PenalizedSGD):
-    """GN: R_j = ‖∇_θ L_j‖², the squared micro-batch gradient norm."""
+    __doc__ = _penalized_doc("""GN: large-batch SGD plus λ times the squared micro-batch gradient norm,
+    R_j = ‖∇_θ L_j‖².""")
 
     _penalty = penalties.GRAD_NORM
 
 
 class FisherTraceSGD(_PenalizedSGD):
-    """FT: R_j = ‖∇_θ mean_i CE(f(x_i), ŷ_i)‖², ŷ_i ~ softmax(f(x_i)), drawn per micro-batch.
+    __doc__ = _penalized_doc("""FT: R_j = ‖∇_θ mean_i CE(f(x_i), ŷ_i)‖², one label per example
+    ŷ_i ~ softmax(f(x_i)), drawn afresh per micro-batch.
 
-    The closure must return ``(loss, logits)``.
-    """
+    ``loss_fn`` must return ``(loss, logits)``.""")
 
     _penalty = penalties.FISHER_TRACE
 
 
 class JacobianRegSGD(_PenalizedSGD):
-    """AJ (``kind="average"``): R_j = ‖∇_θ Σ_c mean_i f_c(x_i)‖²;
+    __doc__ = _penalized_doc("""AJ (``kind="average"``): R_j = ‖∇_θ Σ_c mean_i f_c(x_i)‖²;
     UJ (``kind="unit"``): R_j = ‖∇_θ uᵀ mean_i f(x_i)‖², u uniform on the unit sphere, drawn per micro-batch.
 
-    The closure must return ``(loss, logits)``.
-    """
+    ``loss_fn`` must return ``(loss, logits)``.""", """
+        kind: ``"average"`` (AJ) or ``"unit"`` (UJ).""")
 
     _KINDS = {"average": penalties.AVERAGE_JACOBIAN, "unit": penalties.UNIT_JACOBIAN}
 
-    def __init__(self, params: ParamsT, lr: float | Tensor = 1e-3, *args: Any, kind: str = "average",
-                 **kwargs: Any) -> None:
+    def __init__(self, params: ParamsT, lr: float | Tensor = 1e-3, momentum: float = 0, dampening: float = 0,
+                 weight_decay: float | Tensor = 0, nesterov: bool = False, *, micro_batch_size: int,
+                 penalty: float, kind: str = "average", method: str = "exact", fd_eps: float = 1e-2,
+                 generator: torch.Generator | None = None, penalty_micro_batches: int | None = None,
+                 rank_independent_draws: bool = True, exact_grad_norm: bool = True, maximize: bool = False,
+                 foreach: bool | None = None, fused: bool | None = None, max_grad_norm: float | None = None,
+                 skip_nonfinite: bool = False, loss_scale: float | str | None = None,
+                 process_group: Any = "default") -> None:
         if kind not in self._KINDS:
             raise ValueError(f"Invalid kind: {kind!r} (expected 'average' or 'unit')")
-        super().__init__(params, lr, *args, **kwargs)
+        super().__init__(params, lr, momentum, dampening, weight_decay, nesterov, micro_batch_size=micro_batch_size,
+                         penalty=penalty, method=method, fd_eps=fd_eps, generator=generator,
+                         penalty_micro_batches=penalty_micro_batches, rank_independent_draws=rank_independent_draws,
+                         exact_grad_norm=exact_grad_norm, maximize=maximize, foreach=foreach, fused=fused,
+                         max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite, loss_scale=loss_scale,
+                         process_group=process_group)
         self.kind = kind
         self._penalty = self._KINDS[kind]
