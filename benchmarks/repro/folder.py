@@ -48,10 +48,11 @@ class FolderLock:
     def release(self) -> None:
         if self.fd is None:
             return
-        self.path.unlink(missing_ok=True)  # while still holding it: no other process can hold this file now
+        if _same_file(self.path, self.fd):  # (not a file another run made after someone deleted ours)
+            self.path.unlink()  # while still holding it: no other process can hold this file now
         os.close(self.fd)
         self.fd = None
-        if self.created and not any(self.folder.iterdir()):
+        if self.created and self.folder.is_dir() and not any(self.folder.iterdir()):
             self.folder.rmdir()
 
     def __enter__(self) -> FolderLock:
@@ -68,6 +69,14 @@ def _holder_text(path: Path) -> str:
         return f"pid {holder['pid']} on {holder['host']}, started {holder['started']}"
     except (OSError, ValueError, KeyError, TypeError):
         return "a process that has not recorded itself yet"
+
+
+def _same_file(path: Path, fd: int) -> bool:
+    """Whether ``path`` still names the file open as ``fd``."""
+    try:
+        return os.path.samestat(os.stat(path), os.fstat(fd))
+    except FileNotFoundError:
+        return False
 
 
 def _open_locked(path: Path) -> int | None:
@@ -88,11 +97,8 @@ def _open_locked(path: Path) -> int | None:
             print(f"note: {path.parent}: this file system does not support file locks ({err.strerror}): a second "
                   "run into this folder would not be detected", file=sys.stderr)
             return fd
-        try:
-            if os.stat(path).st_ino == os.fstat(fd).st_ino:
-                return fd
-        except FileNotFoundError:
-            pass
+        if _same_file(path, fd):
+            return fd
         os.close(fd)
 
 

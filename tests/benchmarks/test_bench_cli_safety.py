@@ -4,6 +4,7 @@ unusable --out, unreadable or incomplete checkpoints, a corrupt config.json; --h
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -144,6 +145,30 @@ def test_a_lock_left_by_a_killed_run_is_taken_over_with_a_note(tmp_path, capfd):
     reproduce.main([*TINY, "--methods", "LB", "--out", str(out)])
     assert f"taking over the lock left by pid {pid} on {socket.gethostname()}" in capfd.readouterr().err
     assert (out / "runs.json").exists() and not (out / folder.LOCK_NAME).exists()
+
+
+def test_a_run_never_removes_a_lock_file_that_is_not_its_own(tmp_path):
+    """Someone deletes a running run's lock file and a second run locks the folder: the first, at its end,
+    leaves the second's lock in place."""
+    out = tmp_path / "out"
+    first = folder.lock_folder(out)
+    (out / folder.LOCK_NAME).unlink()
+    with folder.lock_folder(out) as second:
+        first.release()
+        assert json.loads((out / folder.LOCK_NAME).read_text())["pid"] == os.getpid() and second.fd is not None
+        with pytest.raises(SystemExit, match="in use by another run"):
+            folder.lock_folder(out)
+    assert list(out.iterdir()) == []  # each lock gone with its run
+
+
+def test_without_file_locks_the_run_goes_on_and_says_so(tmp_path, monkeypatch, capsys):
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(folder.fcntl, "flock", no_locks)
+    with folder.lock_folder(tmp_path / "out"):
+        assert json.loads((tmp_path / "out" / folder.LOCK_NAME).read_text())["pid"] == os.getpid()
+    assert "does not support file locks (No locks available)" in capsys.readouterr().err
 
 
 def test_a_refused_run_removes_the_folder_it_created(tmp_path, monkeypatch):
