@@ -196,7 +196,7 @@ class Agreement:
     the number of failed ranks and of ranks with a hook, Σa₁ names a failed rank, Σa₂ gives Σκ and, in
     base R+1, how many ranks stand at each call count modulo m. The ranks are in step iff all R stand at
     one residue, which every rank reads from the same sums (so all of them raise, or none). m ≤ 16 is the
-    largest count whose sums stay exact integers in the wire dtype (m = 1, from 2364 ranks on a float32
+    largest count whose sums stay exact integers in the wire dtype (m = 1, from 2365 ranks on a float32
     wire: calls are not compared); the hook count is sent while (R+1)² is exact (up to 4095 ranks).
     """
 
