@@ -10,6 +10,7 @@ smaller), k = ceil(B / |M|), with weights w_j = |M_j| / B so that
 from __future__ import annotations
 
 import contextlib
+import operator
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -46,16 +47,29 @@ class MicroBatch:
 
 @dataclass(frozen=True)
 class ClosureOutput:
-    """What the closure returned: the mean loss over the micro-batch, and its logits if given."""
+    """What loss_fn returned: the mean loss over the micro-batch, and its logits if given."""
 
     loss: Tensor
     logits: Tensor | None
 
 
+def as_integer(value: Any) -> int | None:
+    """``value`` as an int if it is an integral number (int, numpy integer, ...: ``operator.index``), else None.
+    A bool is not taken for a number here."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
 def check_micro_batch_size(micro_batch_size: Any) -> int:
-    if isinstance(micro_batch_size, bool) or not isinstance(micro_batch_size, int) or micro_batch_size < 1:
+    """A positive integral number, as an int; else ValueError "Invalid micro_batch_size: <value>"."""
+    size = as_integer(micro_batch_size)
+    if size is None or size < 1:
         raise ValueError(f"Invalid micro_batch_size: {micro_batch_size!r} (expected a positive int)")
-    return micro_batch_size
+    return size
 
 
 def _leaves(batch: Any) -> list[tuple[str, Any]]:
@@ -66,7 +80,7 @@ def _leaves(batch: Any) -> list[tuple[str, Any]]:
             if not isinstance(key, str):
                 raise TypeError(
                     f"batch is a dict with the key {key!r} ({type(key).__name__}): its keys must be strings, since "
-                    "each part is passed to the closure as a keyword argument, closure(**micro_batch)"
+                    "each part is passed to loss_fn as a keyword argument, loss_fn(**micro_batch)"
                 )
         return [(f"batch[{key!r}]", value) for key, value in batch.items()]
     if isinstance(batch, (tuple, list)):
@@ -158,25 +172,25 @@ def call_closure(closure: Callable[..., Any], micro: MicroBatch, count: int,
     if isinstance(result, tuple):
         if len(result) != 2:
             raise TypeError(
-                f"closure returned a tuple of length {len(result)} on {where}: expected a loss or (loss, logits)"
+                f"loss_fn returned a tuple of length {len(result)} on {where}: expected a loss or (loss, logits)"
             )
         result, logits = result
         if not isinstance(logits, Tensor) or logits.dim() != 2 or logits.shape[0] != micro.size:
             shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
             raise TypeError(
-                f"closure returned logits of shape {shape} on {where}: expected a Tensor of shape [{micro.size}, C]"
+                f"loss_fn returned logits of shape {shape} on {where}: expected a Tensor of shape [{micro.size}, C]"
             )
     if not isinstance(result, Tensor):
         raise TypeError(
-            f"closure returned {type(result).__name__} on {where}: expected a 0-dim loss Tensor or (loss, logits)"
+            f"loss_fn returned {type(result).__name__} on {where}: expected a 0-dim loss Tensor or (loss, logits)"
         )
     if result.dim() != 0:
         raise ValueError(
-            f"closure returned a loss of shape {tuple(result.shape)} on {where}: expected a 0-dim mean loss"
+            f"loss_fn returned a loss of shape {tuple(result.shape)} on {where}: expected a 0-dim mean loss"
         )
     if not result.requires_grad:
         raise ValueError(
-            f"closure returned a loss that does not require grad on {where}: "
+            f"loss_fn returned a loss that does not require grad on {where}: "
             "compute it from the parameters, outside torch.no_grad()"
         )
     return ClosureOutput(result, logits)

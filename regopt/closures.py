@@ -18,6 +18,7 @@ Three spellings reach the same step:
 from __future__ import annotations
 
 import inspect
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +30,12 @@ _RECIPE = (
     "    self.optimizers().step(batch=batch, loss_fn=lambda x, y: F.cross_entropy(self(x), y))\n"
     "Through a wrapper that forwards only the closure (Accelerate's prepared optimizer):\n"
     "    optimizer.step(regopt.BatchClosure(loss_fn, batch))"
+)
+
+
+_SPELLINGS = (
+    "Accepted: step(loss_fn, batch); step(batch=batch, loss_fn=loss_fn), optionally with a trainer's "
+    "zero-argument closure as the first argument; step(regopt.BatchClosure(loss_fn, batch))"
 )
 
 
@@ -83,6 +90,11 @@ def step_arguments(owner: str, closure: Any, batch: Any, loss_fn: Any) -> StepAr
             raise TypeError(f"{owner}.step got loss_fn= but no batch=: step(batch=batch, loss_fn=loss_fn)")
         if closure is not None and not callable(closure):
             raise TypeError(f"{owner}.step: closure must be callable, got {type(closure).__name__}")
+        if closure is not None and (closure is loss_fn or not _takes_no_arguments(closure)):
+            raise TypeError(
+                f"{owner}.step got a loss function both as its first argument and as loss_fn= (a first argument "
+                f"beside loss_fn= must be a trainer's zero-argument closure): ambiguous. {_SPELLINGS}"
+            )
         return StepArguments(loss_fn, batch, closure)
     if closure is not None and batch is None and callable(closure) and _takes_no_arguments(closure):
         raise TypeError(
@@ -98,9 +110,34 @@ def step_arguments(owner: str, closure: Any, batch: Any, loss_fn: Any) -> StepAr
             "(Lightning's self.optimizers().step(fn, batch=batch) does), pass it by keyword instead:\n"
             "    self.optimizers().step(batch=batch, loss_fn=fn)"
         )
+    if closure is not None and not callable(closure):
+        raise TypeError(f"{owner}.step: closure must be callable, got {type(closure).__name__}. {_SPELLINGS}")
     if closure is None or batch is None:
         raise TypeError(
-            f"{owner}.step needs a closure and a batch: step(closure, batch), where closure(*micro_batch) "
-            "returns the mean loss over the micro-batch (or step(batch=batch, loss_fn=closure))"
+            f"{owner}.step needs a closure and a batch: step(loss_fn, batch), where loss_fn(*micro_batch) "
+            "returns the mean loss over the micro-batch (or step(batch=batch, loss_fn=loss_fn))"
         )
     return StepArguments(closure, batch, None)
+
+
+def check_trainer_accumulation(owner: str) -> None:
+    """Refuse a step inside a trainer's gradient accumulation, where regopt can see it (Accelerate's
+    ``gradient_accumulation_steps`` > 1, read from its GradientState if Accelerate is already imported).
+
+    A trainer that accumulates skips the optimizer's step on all but the last of every n batches and
+    relies on backward() having added their gradients to ``.grad``; a regopt step computes the gradient
+    of the batch it is given, so the other batches would be silently dropped.
+    """
+    accelerate_state = sys.modules.get("accelerate.state")
+    if accelerate_state is None or not accelerate_state.GradientState._shared_state:  # no Accelerator built
+        return
+    steps = accelerate_state.GradientState().num_steps
+    if steps > 1:
+        raise RuntimeError(
+            f"{owner}.step was called under Accelerate's gradient accumulation (gradient_accumulation_steps="
+            f"{steps}): Accelerate skips the optimizer's step on all but the last of every {steps} batches and "
+            "counts on backward() to add their gradients to .grad, which a regopt step does not read, so those "
+            f"batches would be silently dropped. Build the Accelerator with gradient_accumulation_steps=1 and "
+            f"pass {steps} times the batch to step instead: regopt's micro-batching is the accumulation "
+            "(micro_batch_size bounds the memory)"
+        )

@@ -2,14 +2,8 @@
 
     θ ← SGD_update(θ, s · G/‖G‖),   G = Σ_j w_j g_j
 
-| mode | s |
-|---|---|
-| ``"iterative"`` | mean_j ‖g_j‖ over this step's own micro-batches |
-| ``"external"`` | ``norms[t]`` (or ``norms(t)``) at step t, recorded from a small-batch run |
-| ``"normalized"`` (NGD) | 1 |
-
-With momentum 0 and no weight decay the step is exactly θ − lr · s · G/‖G‖; ‖G‖ = 0
-gives a zero step.
+s is mean_j ‖g_j‖ of the step's own micro-batches (iterative), a norm recorded from a small-batch run by
+:class:`GradNormRecorder` (external), or 1 (normalized GD).
 """
 
 from __future__ import annotations
@@ -24,7 +18,7 @@ from torch.optim.optimizer import ParamsT
 
 from . import hvp
 from .engine import Accumulation
-from .optimizers import MicroBatchSGD
+from .optimizers import _OPTIMIZER_ARGS, _SGD_ARGS, _STEP, MicroBatchSGD
 
 Norms = Sequence[float] | Callable[[int], float]
 MODES = ("iterative", "external", "normalized")
@@ -43,30 +37,46 @@ def _schedule(norms: Any) -> Norms:
 
 
 class GraftedSGD(MicroBatchSGD):
-    """Grafted SGD (iterative / external grafting) and normalized GD (NGD); see the module docstring.
+    __doc__ = f"""Grafted SGD: the large-batch direction with a small-batch step length s (global, not per layer).
 
-    Args (besides MicroBatchSGD's):
+        θ ← SGD_update(θ, s · G/‖G‖),   G = Σ_j w_j g_j;   ‖G‖ = 0 gives a zero step.
+
+    ``mode="iterative"``: s = mean_j ‖g_j‖ over this step's own micro-batches; ``"external"``: s = ``norms[t]``
+    at step t, recorded from a small-batch run; ``"normalized"`` (NGD): s = 1. SGD's update receives
+    s · G/‖G‖ (s ≥ 0), so with ``maximize=True`` the step ascends along G with the same length.
+
+    Args:
+{_SGD_ARGS}
         mode: ``"iterative"``, ``"external"`` or ``"normalized"``.
         norms: for ``mode="external"`` only: a sequence indexed by step (a list, a 1-D tensor or
             numpy array), or a callable ``t -> float``; record one with :class:`GradNormRecorder`.
+{_OPTIMIZER_ARGS}
 
-    Sign convention: the grafted gradient s · G/‖G‖ (s ≥ 0) is what SGD's update receives, so with
-    ``maximize=True`` the step ascends along G with the same length, θ ← θ + lr · s · G/‖G‖.
+{_STEP}
     """
 
-    def __init__(self, params: ParamsT, lr: float | Tensor = 1e-3, *args: Any, mode: str = "iterative",
-                 norms: Norms | None = None, **kwargs: Any) -> None:
+    def __init__(self, params: ParamsT, lr: float | Tensor = 1e-3, momentum: float = 0, dampening: float = 0,
+                 weight_decay: float | Tensor = 0, nesterov: bool = False, *, micro_batch_size: int,
+                 mode: str = "iterative", norms: Norms | None = None, maximize: bool = False,
+                 foreach: bool | None = None, fused: bool | None = None, max_grad_norm: float | None = None,
+                 skip_nonfinite: bool = False, loss_scale: float | str | None = None,
+                 process_group: Any = "default") -> None:
         if mode not in MODES:
             raise ValueError(f"Invalid mode: {mode!r} (expected one of {', '.join(map(repr, MODES))})")
         if mode != "external" and norms is not None:
             raise ValueError(f"norms is only used with mode='external', got mode={mode!r}")
-        super().__init__(params, lr, *args, **kwargs)
+        super().__init__(params, lr, momentum, dampening, weight_decay, nesterov, micro_batch_size=micro_batch_size,
+                         maximize=maximize, foreach=foreach, fused=fused, max_grad_norm=max_grad_norm,
+                         skip_nonfinite=skip_nonfinite, loss_scale=loss_scale, process_group=process_group)
         self.mode = mode
         self.norms = _schedule(norms) if mode == "external" else None
 
     def _prepare_step(self, params: list[Tensor], closure_autocast: tuple[str, torch.dtype, bool]) -> None:
         # Read norms[t] before any work, so that a schedule that ran out changes nothing.
         self._external_length = self._recorded_length() if self.mode == "external" else None
+
+    def _sparse_grads_allowed(self, group: Any) -> bool:
+        return False  # s · G/‖G‖ rescales G by a tensor, which sparse gradients do not take in place
 
     def _step_length(self, acc: Accumulation) -> Tensor | float:
         if self.mode == "iterative":

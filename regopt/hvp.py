@@ -14,8 +14,10 @@ A new way to differentiate is a new function here with the same signature.
 from __future__ import annotations
 
 import math
+import re
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -37,7 +39,7 @@ class MicroGradients:
     used: list[bool] | None = None
 
 
-def gradient_and_usage(output: Tensor, params: Sequence[Tensor], loss_scale: float = 1.0,
+def gradient_and_usage(output: Tensor, params: Sequence[Tensor], loss_scale: float = 1.0, sparse: bool = False,
                        **kwargs) -> tuple[list[Tensor], list[bool]]:
     """∇_θ output with zeros where ``output`` does not depend on a parameter, and which parameters it depends on.
 
@@ -45,7 +47,7 @@ def gradient_and_usage(output: Tensor, params: Sequence[Tensor], loss_scale: flo
     With ``loss_scale`` s ≠ 1 the backward runs on s · output (so that float16 activation
     gradients do not underflow) and the result is unscaled: ∇(s · output) / s.
     """
-    grads, used = _grad(_times(output, loss_scale), params, **kwargs)
+    grads, used = _grad(_times(output, loss_scale), params, sparse, **kwargs)
     return (grads if loss_scale == 1.0 else torch._foreach_div(grads, loss_scale)), used
 
 
@@ -54,19 +56,49 @@ def gradient(output: Tensor, params: Sequence[Tensor], loss_scale: float = 1.0, 
     return gradient_and_usage(output, params, loss_scale, **kwargs)[0]
 
 
-def first_order(loss: Tensor, params: Sequence[Tensor], loss_scale: float = 1.0) -> MicroGradients:
-    """g_j alone, for a micro-batch without penalty: R_j = 0 and no ∇R_j."""
-    loss_grad, used = gradient_and_usage(loss, params, loss_scale)
+def first_order(loss: Tensor, params: Sequence[Tensor], loss_scale: float = 1.0,
+                sparse: bool = False) -> MicroGradients:
+    """g_j alone, for a micro-batch without penalty: R_j = 0 and no ∇R_j (``sparse``: sparse g_j allowed)."""
+    loss_grad, used = gradient_and_usage(loss, params, loss_scale, sparse)
     return MicroGradients(loss_grad, loss.new_zeros(()).detach(), None, used)
 
 
-def _grad(output: Tensor, params: Sequence[Tensor], **kwargs) -> tuple[list[Tensor], list[bool]]:
-    """``torch.autograd.grad`` with zeros for the unreached parameters, and which were reached."""
+def _grad(output: Tensor, params: Sequence[Tensor], sparse: bool = False,
+          **kwargs) -> tuple[list[Tensor], list[bool]]:
+    """``torch.autograd.grad`` with zeros for the unreached parameters, and which were reached; a sparse
+    gradient (nn.Embedding(sparse=True)) is refused unless ``sparse``."""
     grads = torch.autograd.grad(output, params, allow_unused=True, **kwargs)
     used = [g is not None for g in grads]
+    if not all(used) and _reaches_reentrant_checkpoint(output):
+        raise RuntimeError(REENTRANT_CHECKPOINT.format(unused=used.count(False)))
     dense = list(grads) if all(used) else [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
-    _check_dense(dense)
+    if not sparse:
+        _check_dense(dense)
     return dense, used
+
+
+REENTRANT_CHECKPOINT = (
+    "{unused} trainable parameter(s) are not reached by torch.autograd.grad, and the graph holds a "
+    "torch.utils.checkpoint block with use_reentrant=True, which hides the parameters inside it from "
+    "torch.autograd.grad (PyTorch supports only .backward() through it): those parameters would silently never "
+    "be updated. Checkpoint with use_reentrant=False, e.g. torch.utils.checkpoint.checkpoint(block, x, "
+    "use_reentrant=False), or for a Hugging Face model "
+    "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={{'use_reentrant': False}})"
+)
+
+
+def _reaches_reentrant_checkpoint(output: Tensor) -> bool:
+    """Whether ``output``'s graph holds a reentrant checkpoint's node (a walk over the graph, no host sync)."""
+    pending, seen = [output.grad_fn], set()
+    while pending:
+        node = pending.pop()
+        if node is None or node in seen:
+            continue
+        if type(node).__name__ == "CheckpointFunctionBackward":
+            return True
+        seen.add(node)
+        pending.extend(next_node for next_node, _ in node.next_functions)
+    return False
 
 
 def merge_usage(a: list[bool], b: list[bool]) -> list[bool]:
@@ -76,8 +108,12 @@ def merge_usage(a: list[bool], b: list[bool]) -> list[bool]:
 
 def _check_dense(grads: Sequence[Tensor]) -> None:
     if any(g.layout != torch.strided for g in grads):
-        raise TypeError("sparse gradients are not supported (e.g. nn.Embedding(sparse=True)): "
-                        "regopt's norms and updates need dense gradients")
+        raise TypeError(
+            "sparse gradients are not supported here (e.g. nn.Embedding(sparse=True)): MicroBatchSGD alone takes "
+            "them, on one process and with weight_decay=0, since a penalty adds dense terms to the gradient, "
+            "grafting rescales it, a distributed step all-reduces one dense buffer, and torch.optim.SGD cannot add "
+            "weight decay to a sparse gradient. Use sparse=False here"
+        )
 
 
 def _times(tensor: Tensor, factor: float) -> Tensor:
@@ -99,6 +135,60 @@ EXACT_UNSUPPORTED = (
     "F.scaled_dot_product_attention runs its math kernel, which has a double backward, under "
     "`with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):` around the step.)"
 )
+OP_UNSUPPORTED = (
+    "method='exact' needs a double backward, which {op} does not have ({error}){where}. Use "
+    "method='finite_difference' (one more forward and backward per micro-batch, no double backward), or replace "
+    "the module by one whose backward is differentiable"
+)
+_OP_WITHOUT_DERIVATIVE = re.compile(r"derivative for (?:aten::)?(\w+) is not implemented")
+
+
+class NoDoubleBackwardError(RuntimeError):
+    """``method='exact'`` met a kernel without a double backward; the message names the op and the fix.
+
+    :meth:`naming_modules` adds the modules that run the op, when the caller knows which modules ran."""
+
+    def __init__(self, error: str, where: str = "") -> None:
+        match = _OP_WITHOUT_DERIVATIVE.search(error)
+        self.op = match.group(1).removesuffix("_backward") if match else None
+        self.error = error
+        if self.op is None or "attention" in self.op:
+            super().__init__(EXACT_UNSUPPORTED.format(error=error))
+        else:
+            super().__init__(OP_UNSUPPORTED.format(op=f"the op {self.op}", error=error, where=where))
+
+    def naming_modules(self, modules: Sequence[torch.nn.Module]) -> NoDoubleBackwardError:
+        """This error, naming the submodules of ``modules[0]`` (the outermost module called) whose class is the op's
+        (``hardsigmoid`` → ``nn.Hardsigmoid``); itself when there are none."""
+        if self.op is None or not modules:
+            return self
+        op = _alphanumeric(self.op)
+        found = [f"{name} ({type(module).__name__})" for name, module in modules[0].named_modules()
+                 if _runs_op(module, op)]
+        if not found:
+            return self
+        listed = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+        return NoDoubleBackwardError(self.error, f", run by the module {listed}")
+
+
+@contextmanager
+def naming_modules(modules: Callable[[], Sequence[torch.nn.Module]]) -> Iterator[None]:
+    """Re-raise a :class:`NoDoubleBackwardError` of the block naming the modules that run its op, among
+    ``modules()`` (the modules called in the block, the outermost first)."""
+    try:
+        yield
+    except NoDoubleBackwardError as error:
+        raise error.naming_modules(modules()) from error.__cause__
+
+
+def _runs_op(module: torch.nn.Module, op: str) -> bool:
+    """Whether the module's class is named after ``op`` (alphanumerics, lower case): Hardsigmoid, hardsigmoid."""
+    name = _alphanumeric(type(module).__name__)
+    return len(name) >= 3 and op.startswith(name)
+
+
+def _alphanumeric(name: str) -> str:
+    return "".join(c for c in name.lower() if c.isalnum())
 DONATED_BUFFERS = (
     "this penalty differentiates each micro-batch's graph twice (g_j and v_j, with retain_graph=True), which a "
     "torch.compile'd module refuses once its backward was compiled for a single use, by an earlier plain "
@@ -120,7 +210,7 @@ def exact(loss: Tensor, scalar: Tensor, params: Sequence[Tensor], gradient_at_sh
     except RuntimeError as error:
         if not any(text in str(error) for text in _NO_DOUBLE_BACKWARD):
             raise
-        raise RuntimeError(EXACT_UNSUPPORTED.format(error=error)) from error
+        raise NoDoubleBackwardError(str(error)) from error
 
 
 def _exact(loss: Tensor, scalar: Tensor, params: Sequence[Tensor], loss_scale: float) -> MicroGradients:
@@ -167,11 +257,16 @@ def finite_difference(loss: Tensor, scalar: Tensor, params: Sequence[Tensor],
         shift = torch._foreach_mul(v, fd_eps / v_norm.clamp_min(torch.finfo(v_norm.dtype).tiny))
         saved = torch._foreach_mul(params, 1.0)  # bit-exact copy to restore from
         torch._foreach_add_(params, shift)
+    # autocast caches its low-precision copy of each parameter until the outermost autocast block ends, which
+    # may enclose the whole step: without clearing it, the shifted pass would reuse the unshifted copies
+    # (a zero difference), and the next micro-batch the shifted ones.
+    torch.clear_autocast_cache()
     try:
         shifted_v = gradient_at_shift()
     finally:
         with torch.no_grad():
             torch._foreach_copy_(params, saved)
+        torch.clear_autocast_cache()
     penalty_grad = torch._foreach_sub(shifted_v, v)
     torch._foreach_mul_(penalty_grad, 2.0 * v_norm / fd_eps)
     return MicroGradients(loss_grad, penalty.detach(), penalty_grad, used)

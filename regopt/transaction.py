@@ -51,6 +51,10 @@ class BufferRecord:
                     self._saved[id(buffer)] = (current, name, buffer, buffer.detach().clone())
             pending.extend(child for child in current.children())
 
+    def modules(self) -> list[nn.Module]:
+        """The modules visited, in order: the outermost module called first, then its submodules."""
+        return list(self._modules.values())
+
     @contextmanager
     def recording(self) -> Iterator[BufferRecord]:
         """Record every module whose forward starts inside the block."""
@@ -71,6 +75,18 @@ class BufferRecord:
             torch._foreach_copy_(buffers, copies)
 
 
+def global_rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
+    """The global CPU RNG's state, and ``device``'s global CUDA RNG's (seed and offset: read without a sync)."""
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def set_global_rng_state(state: tuple[Tensor, Tensor | None], device: torch.device) -> None:
+    """Put back what :func:`global_rng_state` read."""
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
 @contextmanager
 def frozen_buffers() -> Iterator[None]:
     """Run forward passes that leave every module buffer (BatchNorm running stats, ...) as it was.
@@ -87,7 +103,8 @@ def frozen_buffers() -> Iterator[None]:
 
 
 class StepTransaction:
-    """One step's records: module buffers, the parameters' ``.grad`` (set aside) and the generator state.
+    """One step's records: module buffers, the parameters' ``.grad`` (set aside), the generator state and the
+    global RNG's (which the closure's own draws, dropout, advance).
 
     Creating it sets every parameter's ``.grad`` to None for the duration of the step; the step
     then either commits (assigns the new ``.grad``) or calls :meth:`rollback`.
@@ -98,6 +115,8 @@ class StepTransaction:
         self.buffers = BufferRecord()
         self._generator = generator
         self._generator_state = generator.get_state() if generator is not None else None
+        self._device = self.params[0].device
+        self._global_rng_state = global_rng_state(self._device)
         self._grads = [p.grad for p in self.params]
         for p in self.params:
             p.grad = None
@@ -107,9 +126,10 @@ class StepTransaction:
         return any(p.grad is not None for p in self.params)
 
     def rollback(self) -> None:
-        """Put back buffers, ``.grad`` and generator state as they were before the step."""
+        """Put back buffers, ``.grad``, generator and global RNG states as they were before the step."""
         self.buffers.restore()
         for p, grad in zip(self.params, self._grads):
             p.grad = grad
         if self._generator is not None:
             self._generator.set_state(self._generator_state)
+        set_global_rng_state(self._global_rng_state, self._device)

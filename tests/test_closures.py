@@ -151,3 +151,33 @@ def test_step_hooks_and_schedulers_see_the_keyword_spelling():
     opt.step(batch=data_for(model, 7), loss_fn=logits_closure(model))
     scheduler.step()
     assert seen == [["batch", "loss_fn"]] and opt.param_groups[0]["lr"] == pytest.approx(0.05)
+
+
+@pytest.mark.parametrize("call", [
+    lambda opt, fn, b: opt.step(fn, b, loss_fn=fn),  # the same function twice
+    lambda opt, fn, b: opt.step(lambda x, y: fn(x, y), b, loss_fn=fn),  # a second loss function, not a hook
+    lambda opt, fn, b: opt.step(fn, batch=b, loss_fn=lambda x, y: fn(x, y)),
+])
+def test_a_loss_function_given_twice_is_refused_before_anything_runs(call):
+    model = cnn(8)
+    opt = regopt.GradNormSGD(model.parameters(), lr=0.1, micro_batch_size=3, penalty=0.1)
+    calls = []
+
+    def fn(x, y):
+        calls.append(1)
+        return logits_closure(model)(x, y)
+
+    before = snapshot(model, opt)
+    with pytest.raises(TypeError, match="ambiguous") as info:
+        call(opt, fn, data_for(model, 7))
+    assert "step(loss_fn, batch)" in str(info.value) and "BatchClosure(loss_fn, batch)" in str(info.value)
+    assert not calls
+    assert_same_state(before, snapshot(model, opt))
+
+
+def test_a_batch_given_first_names_the_accepted_spellings():
+    model = cnn(9)
+    opt = regopt.GradNormSGD(model.parameters(), lr=0.1, micro_batch_size=3, penalty=0.1)
+    batch = data_for(model, 7)
+    with pytest.raises(TypeError, match=r"closure must be callable, got tuple\. Accepted: step\(loss_fn, batch\)"):
+        opt.step(batch, logits_closure(model))
