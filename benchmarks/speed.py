@@ -67,7 +67,7 @@ SUBSAMPLED = ("GN", "FT")  # also timed with the penalty on m = 1 and m = k/4 of
 BASELINE = "SGD-accum"
 MIB = 2**20
 
-# The targets of issue 11, stated for an H100, CIFAR ResNet-18, B=5120, |M|=128, float32 rows:
+# The performance targets, stated for an H100, CIFAR ResNet-18, B=5120, |M|=128, float32 rows:
 # (row, measured quantity, bound).
 TARGETS = (("GN-exact", "ratio_to_sgd_accum", 3.0), ("GN-finite_difference", "ratio_to_sgd_accum", 2.0),
            ("LB", "ratio_to_sgd_accum", 1.05), ("GN-exact", "peak_mib", 4096.0))

@@ -276,7 +276,7 @@ def test_a_closure_that_calls_backward_is_refused_and_changes_nothing(name, grap
 
     with pytest.raises(TypeError, match=r"must not call backward\(\)") as info:
         opt.step(torch_optim_style, data_for(model, 7, seed=1))
-    assert "def closure(x, y): return F.cross_entropy(model(x), y)" in str(info.value)
+    assert "def loss_fn(x, y): return F.cross_entropy(model(x), y)" in str(info.value)
     assert_same_state(before, snapshot(model, opt))
 
 

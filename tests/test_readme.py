@@ -1,4 +1,5 @@
-"""The README's promises: its usage example runs, and CI runs its test command verbatim."""
+"""The README's promises: its first screen holds the set-up commands and a usage example that runs and
+trains, and CI runs its test command verbatim."""
 
 import re
 from pathlib import Path
@@ -7,13 +8,37 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
+USAGE = re.findall(r"```python\n(.*?)```", README, re.S)[0]
 
 
-def test_usage_example_runs(capsys):
-    example = re.findall(r"```python\n(.*?)```", README, re.S)[0]
-    exec(compile(example, "README.md", "exec"), {})
+def run_usage_example(source: str, capsys) -> tuple[dict, list[float], list[float]]:
+    """Execute ``source``; return its namespace and the losses and micro-batch ‖g‖² it printed, per step."""
+    namespace: dict = {}
+    exec(compile(source, "README.md", "exec"), namespace)
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 3 and all(line.startswith("loss ") for line in lines)
+    assert len(lines) == 3 and all(line.startswith("loss ") for line in lines), lines
+    return namespace, [float(line.split()[1]) for line in lines], [float(line.split()[-1]) for line in lines]
+
+
+def test_usage_example_trains_with_the_penalty(capsys):
+    namespace, losses, grad_sq_norms = run_usage_example(USAGE, capsys)
+    opt = namespace["opt"]
+    assert isinstance(opt, namespace["regopt"].GradNormSGD)
+    assert int(opt.stats.num_micro_batches) == 4  # B = 512 in micro-batches of 128, as the comment says
+    assert losses[0] > losses[1] > losses[2]  # three steps on one batch lower its loss
+    assert grad_sq_norms[-1] > 0 and abs(grad_sq_norms[-1] - float(opt.stats.micro_grad_sq_norm)) <= 5e-4
+    # The penalty changes the step: the same example with λ = 0 ends at different parameters.
+    unpenalized, _, _ = run_usage_example(USAGE.replace("penalty=0.01", "penalty=0.0"), capsys)
+    ends = [torch.cat([p.detach().flatten() for p in ns["model"].parameters()]) for ns in (namespace, unpenalized)]
+    assert not torch.allclose(ends[0], ends[1], rtol=0, atol=1e-7)
+
+
+def test_first_screen_holds_the_setup_commands_and_the_example():
+    lines = README.splitlines()
+    assert len(lines) <= 250
+    first_screen = "\n".join(lines[:80])
+    assert "# the tests" in first_screen and "# the main job" in first_screen
+    assert USAGE in first_screen
 
 
 def test_ci_runs_the_readme_test_command():
