@@ -40,7 +40,7 @@ class ReferenceStats:
     grad_norm: float
     num_micro_batches: int
     losses: list[float]           # L_j
-    penalties: list[float]        # R_j
+    penalties: list[float]        # R_j (0 for a micro-batch without the penalty)
     micro_grad_sq_norms: list[float]  # ‖g_j‖²
 
 
