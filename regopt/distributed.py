@@ -28,7 +28,8 @@ the reduced values are copied back into the gradients' own dtypes. All ranks rec
 reduced bits, so their parameters stay identical step after step.
 
 Random draws (FT labels, UJ directions). Nothing random is communicated: each rank draws, per
-micro-batch and in order, for its own micro-batches only. With a ``generator`` and
+micro-batch and in order, for its own micro-batches only, from the optimizer's generator (with
+``generator=None``, the optimizer's own, seeded from ``torch.initial_seed()`` when built). With
 ``rank_independent_draws=True`` (the default), rank r draws from a per-step generator seeded by a
 hash of (the generator's state, r) (:func:`rank_draw_generator`), and the optimizer's generator
 advances by one draw per step: ranks whose generators share a state (the same seed on every rank)
@@ -37,11 +38,8 @@ draws the same numbers on every rank) and a failed step's rollback restores them
 ``rank_independent_draws=False`` each rank draws from its generator itself: a distributed step
 then equals a single-process step draw for draw when rank r's generator starts in the state a
 single process reaches after the micro-batches of ranks 0..r-1 (tests/test_distributed.py does
-this); with the same state on every rank, rank r's j-th micro-batch draws what rank 0's does. With
-``generator=None`` the draws come from each rank's global RNG, unchanged by regopt: ranks seeded
-alike (the usual identical ``torch.manual_seed`` on every rank) draw alike, so seed the global RNG
-per rank (``torch.manual_seed(seed + rank)``) or pass a generator. The finite-difference replay of
-the closure's own draws (dropout) is local to each rank.
+this); with the same state on every rank, rank r's j-th micro-batch draws what rank 0's does. The
+finite-difference replay of the loss function's own draws (dropout) is local to each rank.
 
 Subsampled penalty (``penalty_micro_batches = m``): m is per rank. Rank r draws S_r, min(m, k_r)
 of its own k_r micro-batches, from its own generator, and weights each sampled term by

@@ -141,15 +141,27 @@ def micro_batch_gradients(setup: StepSetup, micro: MicroBatch,
     # The finite-difference pass replays the closure's random draws (dropout masks) exactly.
     rng_before = global_rng_state(setup.device) if penalized and setup.method == "finite_difference" else None
     out = call_closure(setup.closure, micro, setup.count, setup.closure_autocast)
+    _check_logits_differentiable(setup, micro, out)
     with frozen_buffers():
         if not penalized:
             if setup.penalty is not None:  # an unsampled micro-batch: its draw, discarded (see the module docstring)
-                _penalty_draw(setup, micro, out)
+                _penalty_draw(setup, out)
             return out, hvp.first_order(out.loss, setup.params, setup.loss_scale, sparse=setup.sparse_grads)
         return out, _penalized_gradients(setup, micro, out, rng_before)
 
 
-def _penalty_draw(setup: StepSetup, micro: MicroBatch, out: ClosureOutput) -> Tensor | None:
+def _check_logits_differentiable(setup: StepSetup, micro: MicroBatch, out: ClosureOutput) -> None:
+    """Refuse logits that a penalty needs but cannot differentiate (detached, or computed under no_grad)."""
+    if setup.penalty is not None and setup.penalty.needs_logits and out.logits is not None \
+            and not out.logits.requires_grad:
+        raise ValueError(
+            f"loss_fn returned logits that do not require grad on {micro.describe(setup.count)}: the "
+            f"{setup.penalty.name} penalty differentiates them with respect to the parameters. Return the model's "
+            "output itself (not .detach()'d, not computed under torch.no_grad())"
+        )
+
+
+def _penalty_draw(setup: StepSetup, out: ClosureOutput) -> Tensor | None:
     """The micro-batch's random draw for its penalty (FT labels, UJ direction; None for GN, AJ)."""
     penalty = setup.penalty
     if penalty.needs_logits and out.logits is None:
@@ -157,19 +169,13 @@ def _penalty_draw(setup: StepSetup, micro: MicroBatch, out: ClosureOutput) -> Te
             f"the {penalty.name} penalty needs the logits: loss_fn must return (loss, logits), "
             "e.g. `def loss_fn(x, y): logits = model(x); return F.cross_entropy(logits, y), logits`"
         )
-    if penalty.needs_logits and not out.logits.requires_grad:
-        raise ValueError(
-            f"loss_fn returned logits that do not require grad on {micro.describe(setup.count)}: the "
-            f"{penalty.name} penalty differentiates them with respect to the parameters. Return the model's "
-            "output itself (not .detach()'d, not computed under torch.no_grad())"
-        )
     return penalty.sample(out.logits, setup.generator)
 
 
 def _penalized_gradients(setup: StepSetup, micro: MicroBatch, out: ClosureOutput,
                          rng_before: tuple[Tensor, Tensor | None] | None) -> hvp.MicroGradients:
     penalty, device = setup.penalty, setup.device
-    draw = _penalty_draw(setup, micro, out)
+    draw = _penalty_draw(setup, out)
 
     def gradient_at_shift() -> list[Tensor]:
         # fork_rng leaves the RNG as the first pass left it, whatever the replay draws; the caller's

@@ -503,11 +503,12 @@ _PENALTY_ARGS = """\
         fd_eps: ε, the finite-difference step along v̂_j: refused below eps(dtype)·‖θ‖ (where rounding
             θ + ε v̂_j loses the shift), warned about below 100 times that.
         generator: a torch.Generator on the parameters' device driving every random draw (FT labels,
-            UJ directions, penalty subsets); its state is saved in ``state_dict()``.
+            UJ directions, penalty subsets); None: a generator of the optimizer's own, seeded from
+            ``torch.initial_seed()`` when built. Either one's state is saved in ``state_dict()``.
         penalty_micro_batches: m, or None. With m < k micro-batches in the step, the penalty runs on m
             of them, drawn without replacement each step and weighted by k/m (unbiased; G and the
             statistics stay exact); None or m ≥ k: on every micro-batch. Per rank when distributed.
-        rank_independent_draws: distributed steps with a ``generator``: True (default), each rank draws
+        rank_independent_draws: distributed steps: True (default), each rank draws
             from its own stream derived from (``generator``'s state, rank); False, from ``generator``
             itself, to reproduce a single-process run draw for draw (docs/distributed.md).
         exact_grad_norm: distributed steps: True (default), the all-reduce carries G and P apart, so
