@@ -60,12 +60,12 @@ def test_an_op_without_double_backward_is_named_with_its_module_and_the_fix():
     assert fd.stats.penalty > 0
 
 
-def _reentrant_model(trainable_embedding: bool):
+def _reentrant_model():
     """The pattern of Hugging Face's enable_input_require_grads: a frozen embedding whose output is made to
     require grad, then a block under reentrant checkpointing."""
     torch.manual_seed(0)
     embedding, block, head = nn.Linear(3, 8), nn.Sequential(nn.Linear(8, 8), nn.Tanh()), nn.Linear(8, 4)
-    embedding.requires_grad_(trainable_embedding)
+    embedding.requires_grad_(False)
     embedding.register_forward_hook(lambda module, inputs, output: output.requires_grad_(True))
     modules = nn.ModuleList([embedding, block, head]).double()
 
@@ -77,7 +77,7 @@ def _reentrant_model(trainable_embedding: bool):
 
 @pytest.mark.parametrize("name", ["LB", "GN"])
 def test_reentrant_checkpointing_that_would_hide_a_block_is_refused_with_the_fix(name):
-    modules, loss_fn = _reentrant_model(trainable_embedding=False)
+    modules, loss_fn = _reentrant_model()
     params = [p for p in modules.parameters() if p.requires_grad]
     opt = (regopt.MicroBatchSGD(params, lr=0.1, micro_batch_size=2) if name == "LB"
            else regopt.GradNormSGD(params, lr=0.1, micro_batch_size=2, penalty=0.3))
@@ -89,7 +89,7 @@ def test_reentrant_checkpointing_that_would_hide_a_block_is_refused_with_the_fix
 
 
 def test_non_reentrant_checkpointing_updates_the_block():
-    modules, _ = _reentrant_model(trainable_embedding=False)
+    modules, _ = _reentrant_model()
     embedding, block, head = modules
     params = [p for p in modules.parameters() if p.requires_grad]
     opt = regopt.GradNormSGD(params, lr=0.1, micro_batch_size=2, penalty=0.3)
