@@ -65,7 +65,7 @@ class TimeBudget:
 
     A run's duration is estimated, for its cost kind (methods.cost_kind: the kind of step and its sizes;
     λ variants share their base's kind), as the mean duration of the finished runs of that kind (this
-    session's, measured around the run in its process, and on --resume the wall time earlier sessions
+    invocation's, measured around the run in its process, and on --resume the wall time earlier invocations
     recorded); else from the runs of that kind in flight, at the pace measured between their first and
     latest progress reports (× steps); else as the largest estimate of any kind. While the only run of a
     kind in flight has not reported its pace yet, the other runs of that kind wait (a first-run
@@ -364,7 +364,7 @@ class Scheduler:
 
 
 def _restore_finished(outputs: Outputs, budget: TimeBudget, out: Path | None, dist: Dist) -> None:
-    """--resume: the runs an earlier session finished (rank 0 reads them; every rank gets the same, or the same
+    """--resume: the runs an earlier invocation finished (rank 0 reads them; every rank gets the same, or the same
     CheckpointError, so that under torchrun no rank waits for a rank 0 that has stopped)."""
     found, error = {}, None
     if dist.is_main:

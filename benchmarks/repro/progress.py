@@ -58,7 +58,7 @@ class RunBar:
 class QueueProgress:
     """A worker's run reporting to the parent through ``queue``: ("progress", index, step, start) at most every
     ``interval`` seconds (and at every evaluation), ("message", text) for messages. ``start``: the step the
-    run started from in this session (a resumed run's checkpoint step), for the parent's time projections."""
+    run started from in this invocation (a resumed run's checkpoint step), for the parent's time projections."""
 
     def __init__(self, queue: Any, index: int, start: int, interval: float = 0.25) -> None:
         self.queue, self.index, self.start, self.interval = queue, index, start, interval

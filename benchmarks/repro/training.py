@@ -164,7 +164,7 @@ def load_checkpoint(path: Path) -> dict:
 
 
 def load_finished(out: Path | None, seed: int, spec: MethodSpec) -> RunOutput | None:
-    """The output of a run that finished in an earlier session (its final checkpoint), or None."""
+    """The output of a run that finished in an earlier invocation (its final checkpoint), or None."""
     path = checkpoint_path(out, seed, spec)
     if path is None or not path.exists():
         return None
