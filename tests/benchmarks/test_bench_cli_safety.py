@@ -39,7 +39,8 @@ def _one_line(message: object) -> str:
 
 def _torchrun(args: list[str], log: Path) -> tuple[int, str]:
     """reproduce.py under torchrun, 2 CPU ranks (gloo): its exit status and output. A hang fails the test: the
-    launcher and its ranks (one session) are ended once the output has stayed silent for 60 s of polling."""
+    launcher and its ranks (started in a new process group) are ended once the output has stayed silent for 60 s
+    of polling."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(Path(reproduce.__file__)), *args]
     with open(log, "w") as sink:
