@@ -1,24 +1,30 @@
 """regopt: large-batch SGD with the generalization of small-batch SGD.
 
-Drop-in ``torch.optim.Optimizer`` subclasses that split each batch into micro-batches
-and penalize the average micro-batch gradient norm (GN), the Fisher trace (FT) or the
+Drop-in ``torch.optim.Optimizer`` wrappers around a base optimizer (SGD, AdamW, ...) that split
+each batch into micro-batches and penalize the average micro-batch gradient norm (GN), the Fisher trace (FT) or the
 Jacobian (AJ, UJ), or graft a small-batch step length onto the large-batch direction,
 after Novack et al., "Disentangling the Mechanisms Behind Implicit Regularization in
 SGD", ICLR 2023.
 """
 
 from .closures import BatchClosure
-from .grafting import GradNormRecorder, GraftedSGD
-from .optimizers import FisherTraceSGD, GradNormSGD, JacobianRegSGD, MicroBatchSGD
+from .grafting import Grafted, GradNormRecorder
+from .optimizers import FisherTrace, GradNorm, JacobianReg, MicroBatch
+from .sgd import FisherTraceSGD, GradNormSGD, GraftedSGD, JacobianRegSGD, MicroBatchSGD
 from .stats import StepStats
 
 __all__ = [
     "BatchClosure",
+    "FisherTrace",
     "FisherTraceSGD",
+    "GradNorm",
     "GradNormRecorder",
     "GradNormSGD",
+    "Grafted",
     "GraftedSGD",
+    "JacobianReg",
     "JacobianRegSGD",
+    "MicroBatch",
     "MicroBatchSGD",
     "StepStats",
 ]

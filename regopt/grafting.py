@@ -1,6 +1,6 @@
 """Gradient grafting: the large-batch direction with a small-batch step length (global, not per layer).
 
-    θ ← SGD_update(θ, s · G/‖G‖),   G = Σ_j w_j g_j
+    θ ← base.step(θ, s · G/‖G‖),   G = Σ_j w_j g_j
 
 s is mean_j ‖g_j‖ of the step's own micro-batches (iterative), a norm recorded from a small-batch run by
 :class:`GradNormRecorder` (external), or 1 (normalized GD).
@@ -14,11 +14,10 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim.optimizer import ParamsT
 
 from . import hvp
 from .engine import Accumulation
-from .optimizers import _OPTIMIZER_ARGS, _SGD_ARGS, _STEP, MicroBatchSGD
+from .optimizers import _BASE_ARGS, _OPTIMIZER_ARGS, _STEP, MicroBatch
 
 Norms = Sequence[float] | Callable[[int], float]
 MODES = ("iterative", "external", "normalized")
@@ -36,17 +35,28 @@ def _schedule(norms: Any) -> Norms:
                     f"got {norms!r}")
 
 
-class GraftedSGD(MicroBatchSGD):
-    __doc__ = f"""Grafted SGD: the large-batch direction with a small-batch step length s (global, not per layer).
+def check_grafting_options(mode: Any, norms: Any) -> None:
+    """Grafting's own options, checked before anything is built."""
+    if mode not in MODES:
+        raise ValueError(f"Invalid mode: {mode!r} (expected one of {', '.join(map(repr, MODES))})")
+    if mode != "external" and norms is not None:
+        raise ValueError(f"norms is only used with mode='external', got mode={mode!r}")
 
-        θ ← SGD_update(θ, s · G/‖G‖),   G = Σ_j w_j g_j;   ‖G‖ = 0 gives a zero step.
+
+class Grafted(MicroBatch):
+    __doc__ = f"""Grafting: the large-batch direction with a small-batch step length s (global, not per layer),
+    around a base optimizer.
+
+        θ ← base.step(θ, s · G/‖G‖),   G = Σ_j w_j g_j;   ‖G‖ = 0 gives a zero step.
 
     ``mode="iterative"``: s = mean_j ‖g_j‖ over this step's own micro-batches; ``"external"``: s = ``norms[t]``
-    at step t, recorded from a small-batch run; ``"normalized"`` (NGD): s = 1. SGD's update receives
-    s · G/‖G‖ (s ≥ 0), so with ``maximize=True`` the step ascends along G with the same length.
+    at step t, recorded from a small-batch run; ``"normalized"`` (NGD): s = 1. The base receives
+    s · G/‖G‖ (s ≥ 0), so with ``maximize=True`` the step ascends along G with the same length. Around SGD
+    without momentum the step length is lr · s; a base that rescales its gradient itself (the Adam family
+    divides by a running RMS of it) renormalizes s away, and only the direction remains grafted.
 
     Args:
-{_SGD_ARGS}
+{_BASE_ARGS}
         mode: ``"iterative"``, ``"external"`` or ``"normalized"``.
         norms: for ``mode="external"`` only: a sequence indexed by step (a list, a 1-D tensor or
             numpy array), or a callable ``t -> float``; record one with :class:`GradNormRecorder`.
@@ -55,21 +65,17 @@ class GraftedSGD(MicroBatchSGD):
 {_STEP}
     """
 
-    def __init__(self, params: ParamsT, lr: float | Tensor = 1e-3, momentum: float = 0, dampening: float = 0,
-                 weight_decay: float | Tensor = 0, nesterov: bool = False, *, micro_batch_size: int,
-                 mode: str = "iterative", norms: Norms | None = None, maximize: bool = False,
-                 foreach: bool | None = None, fused: bool | None = None, max_grad_norm: float | None = None,
-                 skip_nonfinite: bool = False, loss_scale: float | str | None = None,
-                 process_group: Any = "default") -> None:
-        if mode not in MODES:
-            raise ValueError(f"Invalid mode: {mode!r} (expected one of {', '.join(map(repr, MODES))})")
-        if mode != "external" and norms is not None:
-            raise ValueError(f"norms is only used with mode='external', got mode={mode!r}")
-        super().__init__(params, lr, momentum, dampening, weight_decay, nesterov, micro_batch_size=micro_batch_size,
-                         maximize=maximize, foreach=foreach, fused=fused, max_grad_norm=max_grad_norm,
+    def __init__(self, base: torch.optim.Optimizer, *, micro_batch_size: int, mode: str = "iterative",
+                 norms: Norms | None = None, max_grad_norm: float | None = None, skip_nonfinite: bool = False,
+                 loss_scale: float | str | None = None, process_group: Any = "default") -> None:
+        check_grafting_options(mode, norms)
+        super().__init__(base, micro_batch_size=micro_batch_size, max_grad_norm=max_grad_norm,
                          skip_nonfinite=skip_nonfinite, loss_scale=loss_scale, process_group=process_group)
         self.mode = mode
         self.norms = _schedule(norms) if mode == "external" else None
+
+    def _settings_repr(self) -> str:
+        return f"{super()._settings_repr()}, mode={self.mode!r}"
 
     def _prepare_step(self, params: list[Tensor], closure_autocast: tuple[str, torch.dtype, bool]) -> None:
         # Read norms[t] before any work, so that a schedule that ran out changes nothing.
@@ -115,7 +121,7 @@ class GradNormRecorder:
 
     Run small-batch SGD (``torch.optim.SGD`` or ``MicroBatchSGD`` with
     ``micro_batch_size`` equal to the batch size) with a recorder attached, then feed
-    ``recorder.norms()`` to ``GraftedSGD(mode="external", norms=...)``.
+    ``recorder.norms()`` to ``GraftedSGD(mode="external", norms=...)`` (or ``Grafted``).
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer) -> None:

@@ -1,12 +1,13 @@
-"""The optimizers: thin compositions of the batching, penalty, differentiation and update parts.
+"""The wrappers: regopt's micro-batch step around a base optimizer, which takes the update.
 
 Every optimizer here takes one step per batch B, split into micro-batches M_j of
 ``micro_batch_size`` examples with weights w_j = |M_j| / |B|:
 
-    θ ← SGD_update(θ, Σ_j w_j ∇_θ [L_j(θ) + λ R_j(θ)])
+    θ ← base.step(θ, Σ_j w_j ∇_θ [L_j(θ) + λ R_j(θ)])
 
-where SGD_update is exactly torch.optim.SGD's rule and R_j = ‖∇_θ S_j‖² for the
-optimizer's scalar S_j (see :mod:`regopt.penalties`).
+where ``base.step`` is the wrapped torch.optim optimizer's own update, run on that gradient in
+``.grad``, and R_j = ‖∇_θ S_j‖² for the optimizer's scalar S_j (see :mod:`regopt.penalties`).
+The ``*SGD`` classes (:mod:`regopt.sgd`) are these wrappers around ``torch.optim.SGD``.
 """
 
 from __future__ import annotations
@@ -15,21 +16,21 @@ import hashlib
 import math
 from dataclasses import replace
 from collections.abc import Callable
-from numbers import Real
 from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim.optimizer import ParamsT
 
 from . import distributed, engine, hvp, penalties
-from .batching import Batch, as_integer, autocast_state, check_micro_batch_size, split_batch
+from .base_optimizer import RegoptOptimizer
+from .batching import Batch, autocast_state, check_micro_batch_size, split_batch
 from .closures import check_trainer_accumulation, step_arguments
 from .engine import Accumulation, accumulate, settle
 from .penalties import Penalty
+from .settings import (Checked, check_fd_eps, check_loss_scale, check_max_grad_norm, check_method, check_penalty,
+                       check_penalty_micro_batches)
 from .stats import StepStats
 from .transaction import StepTransaction
-from .update import sgd_update
 
 _STATE_KEY = "regopt"  # optimizer.state entry for what is not per parameter: step count, loss scale, generator
 _INITIAL_DYNAMIC_SCALE = 2.0**16
@@ -43,77 +44,6 @@ CLOSURE_CALLED_BACKWARD = (
     "    optimizer.step(loss_fn, (x, y))\n"
     "The step was not taken, and .grad is as it was before it."
 )
-
-
-def check_hyperparameter(value: Any, name: str) -> None:
-    """Reject a negative or non-finite ``value`` as torch.optim.SGD words it: "Invalid <name>: <value>"."""
-    number = value.item() if isinstance(value, Tensor) and value.numel() == 1 else value
-    if isinstance(number, bool) or not isinstance(number, Real):
-        raise TypeError(f"Invalid {name}: {value!r} (expected a finite number >= 0)")
-    if not math.isfinite(number) or number < 0:
-        raise ValueError(f"Invalid {name}: {value} (expected a finite number >= 0)")
-
-
-def check_penalty_micro_batches(value: Any) -> int | None:
-    """None or an integral number ≥ 1 (bool refused), as an int; else ValueError "Invalid penalty_micro_batches"."""
-    count = as_integer(value)
-    if value is not None and (count is None or count < 1):
-        raise ValueError(f"Invalid penalty_micro_batches: {value!r} (expected None or an int >= 1)")
-    return count
-
-
-def check_max_grad_norm(value: Any) -> Any:
-    """None or a finite number ≥ 0."""
-    if value is not None:
-        check_hyperparameter(value, "max_grad_norm value")
-    return value
-
-
-def check_loss_scale(value: Any) -> Any:
-    """None, ``"dynamic"`` or a finite number > 0."""
-    if value is not None and value != "dynamic":
-        check_hyperparameter(value, "loss_scale value")
-        if value == 0:
-            raise ValueError("Invalid loss_scale value: 0 (expected 'dynamic', None or a finite number > 0)")
-    return value
-
-
-def check_penalty(value: Any) -> float:
-    """λ: a finite number ≥ 0, as a float."""
-    check_hyperparameter(value, "penalty value")
-    return float(value)
-
-
-def check_method(value: Any) -> str:
-    """One of :data:`regopt.hvp.METHODS`."""
-    if value not in hvp.METHODS:
-        raise ValueError(f"Invalid method: {value!r} (expected one of {', '.join(map(repr, hvp.METHODS))})")
-    return value
-
-
-def check_fd_eps(value: Any) -> float:
-    """ε: a finite number > 0, as a float (its size against ‖θ‖ is checked when a step starts)."""
-    check_hyperparameter(value, "fd_eps value")
-    if value == 0:
-        raise ValueError("Invalid fd_eps value: 0 (expected a finite number > 0)")
-    return float(value)
-
-
-class Checked:
-    """An attribute whose every assignment goes through ``check`` (which returns the value to keep), so that
-    ``optimizer.penalty_micro_batches = 0`` after construction is refused with the constructor's message."""
-
-    def __init__(self, check: Callable[[Any], Any]) -> None:
-        self.check = check
-
-    def __set_name__(self, owner: type, name: str) -> None:
-        self.slot = f"_{name}_value"
-
-    def __get__(self, optimizer: Any, owner: type | None = None) -> Any:
-        return self if optimizer is None else optimizer.__dict__[self.slot]
-
-    def __set__(self, optimizer: Any, value: Any) -> None:
-        optimizer.__dict__[self.slot] = self.check(value)
 
 
 def private_generator(device: torch.device) -> torch.Generator:
@@ -141,13 +71,13 @@ def check_autograd_available(params: list[Tensor]) -> None:
 
 
 # Argument and step text shared by the public classes' docstrings (interpolated, as torch.optim does).
-_SGD_ARGS = """\
-        params, lr, momentum, dampening, weight_decay, nesterov, maximize, foreach, fused:
-            as in :class:`torch.optim.SGD` (the same defaults, per-group behaviour and validation).
+_BASE_ARGS = """\
+        base: the torch.optim optimizer whose update the step applies (SGD, AdamW, RMSprop, LAMB, ...);
+            its ``param_groups``, ``state`` and ``defaults`` are this optimizer's.
         micro_batch_size: |M|, examples per micro-batch (the last may be smaller)."""
 _OPTIMIZER_ARGS = """\
         max_grad_norm: if given, the applied gradient (penalty included) is clipped to this
-            total norm, as by :func:`torch.nn.utils.clip_grad_norm_`, before momentum.
+            total norm, as by :func:`torch.nn.utils.clip_grad_norm_`, before the base's update.
         skip_nonfinite: on a non-finite loss, penalty or gradient, skip the step (nothing
             changes; ``stats.skipped`` is True) instead of raising FloatingPointError.
         loss_scale: for float16 autocast: ``"dynamic"`` (torch.amp.GradScaler's rule: start at
@@ -167,17 +97,23 @@ _STEP = """\
     nothing. See docs/usage.md."""
 
 
-class MicroBatchSGD(torch.optim.SGD):
-    __doc__ = rf"""Large-batch SGD over micro-batches ("LB SGD", the paper's baseline).
+def check_optimizer_options(max_grad_norm: Any, loss_scale: Any) -> None:
+    """The options every regopt optimizer takes, checked before anything is built."""
+    check_max_grad_norm(max_grad_norm)
+    check_loss_scale(loss_scale)
+
+
+class MicroBatch(RegoptOptimizer):
+    __doc__ = rf"""Large-batch steps over micro-batches ("LB", the paper's baseline), around a base optimizer.
 
     .. math::
-        G = \sum_j w_j \nabla_\theta L_j(\theta), \qquad \theta \leftarrow \mathrm{{SGD\_update}}(\theta, G)
+        G = \sum_j w_j \nabla_\theta L_j(\theta), \qquad \theta \leftarrow \mathrm{{base.step}}(\theta, G)
 
     Each micro-batch is forwarded once in train mode (so BatchNorm statistics are
     per micro-batch, "ghost" batch norm) and its graph is freed before the next.
 
     Args:
-{_SGD_ARGS}
+{_BASE_ARGS}
 {_OPTIMIZER_ARGS}
 
 {_STEP}
@@ -191,33 +127,12 @@ class MicroBatchSGD(torch.optim.SGD):
     max_grad_norm = Checked(check_max_grad_norm)
     loss_scale = Checked(check_loss_scale)
 
-    def __init__(
-        self,
-        params: ParamsT,
-        lr: float | Tensor = 1e-3,
-        momentum: float = 0,
-        dampening: float = 0,
-        weight_decay: float | Tensor = 0,
-        nesterov: bool = False,
-        *,
-        micro_batch_size: int,
-        maximize: bool = False,
-        foreach: bool | None = None,
-        fused: bool | None = None,
-        max_grad_norm: float | None = None,
-        skip_nonfinite: bool = False,
-        loss_scale: float | str | None = None,
-        process_group: Any = "default",
-    ) -> None:
-        check_max_grad_norm(max_grad_norm)
-        check_loss_scale(loss_scale)
-        if not (isinstance(lr, Tensor) and lr.numel() != 1):  # SGD words that case itself
-            check_hyperparameter(lr, "learning rate")
-        check_hyperparameter(momentum, "momentum value")
-        check_hyperparameter(weight_decay, "weight_decay value")
+    def __init__(self, base: torch.optim.Optimizer, *, micro_batch_size: int, max_grad_norm: float | None = None,
+                 skip_nonfinite: bool = False, loss_scale: float | str | None = None,
+                 process_group: Any = "default") -> None:
+        check_optimizer_options(max_grad_norm, loss_scale)
         self.micro_batch_size = check_micro_batch_size(micro_batch_size)
-        super().__init__(params, lr, momentum, dampening, weight_decay, nesterov,
-                         maximize=maximize, foreach=foreach, fused=fused)
+        self._adopt(base)
         self.max_grad_norm = max_grad_norm
         self.skip_nonfinite = bool(skip_nonfinite)
         self.loss_scale = loss_scale
@@ -226,6 +141,9 @@ class MicroBatchSGD(torch.optim.SGD):
         self.fd_eps = 1e-2
         self.penalty_micro_batches: int | None = None
         self.stats: StepStats | None = None
+
+    def _settings_repr(self) -> str:
+        return f"micro_batch_size={self.micro_batch_size}"
 
     @property
     def process_group(self) -> Any:
@@ -276,17 +194,15 @@ class MicroBatchSGD(torch.optim.SGD):
             streak += 1
         self._update_state(loss_scale=scale, loss_scale_streak=streak)
 
-    def state_dict(self) -> dict[str, Any]:
-        state_dict = super().state_dict()
+    def _save_own_state(self, state_dict: dict[str, Any]) -> None:
+        """``state["regopt"]``: step count, loss scale, and the state of the generator the penalties draw from."""
         extra = {"step": 0, **self._extra_state}
         source = self._draw_source()
         if source is not None:
             extra["generator_state"] = source.get_state()
         state_dict["state"][_STATE_KEY] = extra
-        return state_dict
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
+    def _load_own_state(self) -> None:
         extra = dict(self._extra_state)
         generator_state = extra.pop("generator_state", None)
         source = self._draw_source()
@@ -295,7 +211,7 @@ class MicroBatchSGD(torch.optim.SGD):
         self.state[_STATE_KEY] = extra
 
     def __getstate__(self) -> dict[str, Any]:
-        """What copy.deepcopy, pickle and torch.save keep: torch.optim's defaults, state and param_groups, and
+        """What copy.deepcopy, pickle and torch.save keep: the base (its defaults, state and param_groups), and
         regopt's settings and generators (copied by state); hooks are dropped, as torch.optim drops them."""
         return {name: value for name, value in self.__dict__.items() if not name.startswith("_optimizer_")}
 
@@ -365,7 +281,7 @@ class MicroBatchSGD(torch.optim.SGD):
             if transaction.grads_were_written():
                 raise TypeError(CLOSURE_CALLED_BACKWARD)
             combined = group is not None and self._penalty is not None and not self._wire_penalty_grad()
-            if combined:  # G ± λP travels alone: ‖G‖ is not measured (see _PenalizedSGD's exact_grad_norm)
+            if combined:  # G ± λP travels alone: ‖G‖ is not measured (see _Penalized's exact_grad_norm)
                 acc = replace(acc, grad=self._add_penalty(acc.grad, acc.penalty_grad, params), penalty_grad=None)
             if group is not None:
                 reduced = True
@@ -442,19 +358,20 @@ class MicroBatchSGD(torch.optim.SGD):
                                      self._distributed_calls)
 
     def _write_grads(self, params: list[Tensor], applied: list[Tensor], used: list[bool]) -> None:
-        """Write ``.grad``: the applied gradient, None for an unused parameter (SGD then skips it)."""
+        """Write ``.grad``: the applied gradient, None for an unused parameter (the base then skips it)."""
         for param, grad, is_used in zip(params, applied, used):
             param.grad = grad if is_used else None
 
     def _update(self, params: list[Tensor]) -> None:
-        """Clear a frozen parameter's ``.grad`` (SGD then skips it), clip (``max_grad_norm``), take SGD's update."""
+        """Clear a frozen parameter's ``.grad`` (the base then skips it), clip (``max_grad_norm``), take the
+        base's update."""
         for group in self.param_groups:
             for p in group["params"]:
                 if not p.requires_grad:
                     p.grad = None
         if self.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm, foreach=self.defaults["foreach"])
-        sgd_update(self)
+            torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm, foreach=self.defaults.get("foreach"))
+        self._base_step()
         torch.clear_autocast_cache()  # its low-precision copies of the parameters are stale now
         self._update_state(step=self.step_count + 1)
 
@@ -473,25 +390,27 @@ class MicroBatchSGD(torch.optim.SGD):
         return own
 
     def _draw_generator(self, group: Any) -> torch.Generator | None:
-        """The generator this step's random draws come from: :meth:`_draw_source` here (see _PenalizedSGD)."""
+        """The generator this step's random draws come from: :meth:`_draw_source` here (see _Penalized)."""
         return self._draw_source()
 
     def _sparse_grads_allowed(self, group: Any) -> bool:
-        """Whether G may be sparse, as torch.optim.SGD takes a sparse .grad: with no penalty, on one process (the
-        all-reduce packs one dense buffer), without weight decay (SGD cannot add it to a sparse gradient)."""
-        return self._penalty is None and group is None and all(g["weight_decay"] == 0 for g in self.param_groups)
+        """Whether G may be sparse, as torch.optim.SGD takes a sparse .grad: around SGD, with no penalty, on one
+        process (the all-reduce packs one dense buffer), without weight decay (SGD cannot add it to a sparse
+        gradient)."""
+        return (isinstance(self.base, torch.optim.SGD) and self._penalty is None and group is None
+                and all(g["weight_decay"] == 0 for g in self.param_groups))
 
     def _wire_penalty_grad(self) -> bool:
         """Whether a distributed step all-reduces P = Σ_j w_j ∇R_j apart from G (penalized: by default)."""
         return self._penalty is not None
 
     def _applied_gradient(self, acc: Accumulation, grad_norm: Tensor, params: list[Tensor]) -> list[Tensor]:
-        """The gradient handed to SGD's update: G here."""
+        """The gradient handed to the base's update: G here."""
         return acc.grad
 
     def _maximizing(self, params: list[Tensor]) -> list[bool]:
         """Per parameter of ``params``: whether its group has ``maximize=True``."""
-        ascending = {id(p) for group in self.param_groups if group["maximize"] for p in group["params"]}
+        ascending = {id(p) for group in self.param_groups if group.get("maximize") for p in group["params"]}
         return [id(p) in ascending for p in params]
 
 
@@ -517,17 +436,17 @@ _PENALTY_ARGS = """\
 
 
 def _penalized_doc(summary: str, extra_args: str = "") -> str:
-    """A penalized class's docstring: its R_j (``summary``), the update, every argument, the step."""
+    """A penalized wrapper's docstring: its R_j (``summary``), the update, every argument, the step."""
     return rf"""{summary}
 
     .. math::
-        \theta \leftarrow \mathrm{{SGD\_update}}\Big(\theta, \sum_j w_j \big[\nabla L_j + \lambda \nabla R_j\big]\Big)
+        \theta \leftarrow \mathrm{{base.step}}\Big(\theta, \sum_j w_j \big[\nabla L_j + \lambda \nabla R_j\big]\Big)
 
-    With ``maximize=True`` the loss is ascended and the penalty still minimized: SGD(maximize=True)
-    receives G − λP (P = Σ_j w_j ∇R_j), so that without momentum θ ← θ + lr (G − λP).
+    Where a group has ``maximize=True`` the loss is ascended and the penalty still minimized: the base
+    receives G − λP there (P = Σ_j w_j ∇R_j), so that plain SGD moves θ ← θ + lr (G − λP).
 
     Args:
-{_SGD_ARGS}
+{_BASE_ARGS}
 {_PENALTY_ARGS}{extra_args}
 {_OPTIMIZER_ARGS}
 
@@ -535,13 +454,20 @@ def _penalized_doc(summary: str, extra_args: str = "") -> str:
     """
 
 
-class _PenalizedSGD(MicroBatchSGD):
-    r"""MicroBatchSGD plus λ · Σ_j w_j R_j, R_j = ‖∇_θ S_j‖² for the class's penalty S_j.
+def check_penalty_options(penalty: Any, penalty_micro_batches: Any, method: Any, fd_eps: Any, generator: Any) -> None:
+    """The penalized optimizers' own options, checked before anything is built."""
+    check_penalty(penalty)
+    check_penalty_micro_batches(penalty_micro_batches)
+    check_method(method)
+    check_fd_eps(fd_eps)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
 
-    .. math::
-        \theta \leftarrow \mathrm{SGD\_update}\Big(\theta, \sum_j w_j \big[\nabla L_j + \lambda \nabla R_j\big]\Big)
 
-    Args: see :class:`GradNormSGD`.
+class _Penalized(MicroBatch):
+    r"""MicroBatch plus λ · Σ_j w_j R_j, R_j = ‖∇_θ S_j‖² for the class's penalty S_j.
+
+    Args: see :class:`GradNorm`.
     """
 
     penalty = Checked(check_penalty)
@@ -549,22 +475,13 @@ class _PenalizedSGD(MicroBatchSGD):
     fd_eps = Checked(check_fd_eps)
     penalty_micro_batches = Checked(check_penalty_micro_batches)
 
-    def __init__(self, params: ParamsT, lr: float | Tensor = 1e-3, momentum: float = 0, dampening: float = 0,
-                 weight_decay: float | Tensor = 0, nesterov: bool = False, *, micro_batch_size: int,
-                 penalty: float, method: str = "exact", fd_eps: float = 1e-2,
-                 generator: torch.Generator | None = None, penalty_micro_batches: int | None = None,
-                 rank_independent_draws: bool = True, exact_grad_norm: bool = True, maximize: bool = False,
-                 foreach: bool | None = None, fused: bool | None = None, max_grad_norm: float | None = None,
-                 skip_nonfinite: bool = False, loss_scale: float | str | None = None,
-                 process_group: Any = "default") -> None:
-        check_penalty(penalty)
-        check_penalty_micro_batches(penalty_micro_batches)
-        check_method(method)
-        check_fd_eps(fd_eps)
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-        super().__init__(params, lr, momentum, dampening, weight_decay, nesterov, micro_batch_size=micro_batch_size,
-                         maximize=maximize, foreach=foreach, fused=fused, max_grad_norm=max_grad_norm,
+    def __init__(self, base: torch.optim.Optimizer, *, micro_batch_size: int, penalty: float, method: str = "exact",
+                 fd_eps: float = 1e-2, generator: torch.Generator | None = None,
+                 penalty_micro_batches: int | None = None, rank_independent_draws: bool = True,
+                 exact_grad_norm: bool = True, max_grad_norm: float | None = None, skip_nonfinite: bool = False,
+                 loss_scale: float | str | None = None, process_group: Any = "default") -> None:
+        check_penalty_options(penalty, penalty_micro_batches, method, fd_eps, generator)
+        super().__init__(base, micro_batch_size=micro_batch_size, max_grad_norm=max_grad_norm,
                          skip_nonfinite=skip_nonfinite, loss_scale=loss_scale, process_group=process_group)
         device = self.param_groups[0]["params"][0].device
         if generator is not None and generator.device.type != device.type:
@@ -583,6 +500,9 @@ class _PenalizedSGD(MicroBatchSGD):
         self._param_norm_measured = False
         if method == "finite_difference":
             self._check_fd_eps([p for group in self.param_groups for p in group["params"] if p.requires_grad], None)
+
+    def _settings_repr(self) -> str:
+        return f"{super()._settings_repr()}, penalty={self.penalty}, method={self.method!r}"
 
     def _prepare_step(self, params: list[Tensor], closure_autocast: tuple[str, torch.dtype, bool]) -> None:
         if self.method == "finite_difference":
@@ -628,46 +548,48 @@ class _PenalizedSGD(MicroBatchSGD):
         return grad
 
 
-class GradNormSGD(_PenalizedSGD):
-    __doc__ = _penalized_doc("""GN: large-batch SGD plus λ times the squared micro-batch gradient norm,
-    R_j = ‖∇_θ L_j‖².""")
+class GradNorm(_Penalized):
+    __doc__ = _penalized_doc("""GN: large-batch steps plus λ times the squared micro-batch gradient norm,
+    R_j = ‖∇_θ L_j‖², around a base optimizer.""")
 
     _penalty = penalties.GRAD_NORM
 
 
-class FisherTraceSGD(_PenalizedSGD):
+class FisherTrace(_Penalized):
     __doc__ = _penalized_doc("""FT: R_j = ‖∇_θ mean_i CE(f(x_i), ŷ_i)‖², one label per example
-    ŷ_i ~ softmax(f(x_i)), drawn afresh per micro-batch.
+    ŷ_i ~ softmax(f(x_i)), drawn afresh per micro-batch; around a base optimizer.
 
     ``loss_fn`` must return ``(loss, logits)``.""")
 
     _penalty = penalties.FISHER_TRACE
 
 
-class JacobianRegSGD(_PenalizedSGD):
+JACOBIAN_KINDS = {"average": penalties.AVERAGE_JACOBIAN, "unit": penalties.UNIT_JACOBIAN}
+
+
+def check_kind(kind: Any) -> None:
+    if kind not in JACOBIAN_KINDS:
+        raise ValueError(f"Invalid kind: {kind!r} (expected 'average' or 'unit')")
+
+
+class JacobianReg(_Penalized):
     __doc__ = _penalized_doc("""AJ (``kind="average"``): R_j = ‖∇_θ Σ_c mean_i f_c(x_i)‖²;
-    UJ (``kind="unit"``): R_j = ‖∇_θ uᵀ mean_i f(x_i)‖², u uniform on the unit sphere, drawn per micro-batch.
+    UJ (``kind="unit"``): R_j = ‖∇_θ uᵀ mean_i f(x_i)‖², u uniform on the unit sphere, drawn per micro-batch;
+    around a base optimizer.
 
     ``loss_fn`` must return ``(loss, logits)``.""", """
         kind: ``"average"`` (AJ) or ``"unit"`` (UJ).""")
 
-    _KINDS = {"average": penalties.AVERAGE_JACOBIAN, "unit": penalties.UNIT_JACOBIAN}
-
-    def __init__(self, params: ParamsT, lr: float | Tensor = 1e-3, momentum: float = 0, dampening: float = 0,
-                 weight_decay: float | Tensor = 0, nesterov: bool = False, *, micro_batch_size: int,
-                 penalty: float, kind: str = "average", method: str = "exact", fd_eps: float = 1e-2,
-                 generator: torch.Generator | None = None, penalty_micro_batches: int | None = None,
-                 rank_independent_draws: bool = True, exact_grad_norm: bool = True, maximize: bool = False,
-                 foreach: bool | None = None, fused: bool | None = None, max_grad_norm: float | None = None,
-                 skip_nonfinite: bool = False, loss_scale: float | str | None = None,
-                 process_group: Any = "default") -> None:
-        if kind not in self._KINDS:
-            raise ValueError(f"Invalid kind: {kind!r} (expected 'average' or 'unit')")
-        super().__init__(params, lr, momentum, dampening, weight_decay, nesterov, micro_batch_size=micro_batch_size,
-                         penalty=penalty, method=method, fd_eps=fd_eps, generator=generator,
-                         penalty_micro_batches=penalty_micro_batches, rank_independent_draws=rank_independent_draws,
-                         exact_grad_norm=exact_grad_norm, maximize=maximize, foreach=foreach, fused=fused,
+    def __init__(self, base: torch.optim.Optimizer, *, micro_batch_size: int, penalty: float, kind: str = "average",
+                 method: str = "exact", fd_eps: float = 1e-2, generator: torch.Generator | None = None,
+                 penalty_micro_batches: int | None = None, rank_independent_draws: bool = True,
+                 exact_grad_norm: bool = True, max_grad_norm: float | None = None, skip_nonfinite: bool = False,
+                 loss_scale: float | str | None = None, process_group: Any = "default") -> None:
+        check_kind(kind)
+        super().__init__(base, micro_batch_size=micro_batch_size, penalty=penalty, method=method, fd_eps=fd_eps,
+                         generator=generator, penalty_micro_batches=penalty_micro_batches,
+                         rank_independent_draws=rank_independent_draws, exact_grad_norm=exact_grad_norm,
                          max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite, loss_scale=loss_scale,
                          process_group=process_group)
         self.kind = kind
-        self._penalty = self._KINDS[kind]
+        self._penalty = JACOBIAN_KINDS[kind]
