@@ -1,4 +1,5 @@
-"""Shared by the examples: the Fashion-MNIST subset shipped in this repository, and a small BatchNorm CNN.
+"""Shared by the examples: the Fashion-MNIST subset shipped in this repository, a small BatchNorm CNN, and the
+optimizer (the gradient-norm penalty around SGD with momentum, or around AdamW).
 
 Each example runs from the repository root (``python examples/plain_loop.py``) in well under a minute on
 two CPU cores, with no download: the data is ``benchmarks/fashion_mnist_subset/`` (8,000 training images).
@@ -18,6 +19,10 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # benchmarks.data reads the embedded subset
 
 from benchmarks.data import load_fashion_mnist_subset  # noqa: E402
+
+import regopt  # noqa: E402
+
+BASES = ("sgd", "adamw")
 
 
 def fashion_mnist(train_size: int = 2048, seed: int = 0) -> tuple[TensorDataset, TensorDataset]:
@@ -42,6 +47,19 @@ def small_cnn(seed: int = 0) -> nn.Module:
         nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
     )
+
+
+def gradnorm_optimizer(params, base: str = "sgd", micro_batch_size: int = 64,
+                       penalty: float = 0.01) -> regopt.GradNorm:
+    """The gradient-norm penalty λ = ``penalty`` around ``base``: regopt computes the penalized gradient of
+    each large batch, the base optimizer applies its own update with it. ``"sgd"``: SGD with momentum 0.9
+    (``GradNormSGD`` is ``GradNorm(torch.optim.SGD(...))``); ``"adamw"``: torch.optim.AdamW, wrapped."""
+    if base == "adamw":
+        adamw = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.05)
+        return regopt.GradNorm(adamw, micro_batch_size=micro_batch_size, penalty=penalty)
+    if base != "sgd":
+        raise ValueError(f"Invalid base: {base!r} (expected one of {', '.join(map(repr, BASES))})")
+    return regopt.GradNormSGD(params, lr=0.1, momentum=0.9, micro_batch_size=micro_batch_size, penalty=penalty)
 
 
 @torch.no_grad()

@@ -1,11 +1,13 @@
 """regopt with Hugging Face Accelerate: ``accelerator.prepare(model, optimizer, dataloader)``, bf16 on the CPU.
 
     python examples/accelerate_loop.py --steps 40        # the same steps as examples/plain_loop.py --bf16
+    python examples/accelerate_loop.py --base adamw      # regopt.GradNorm(torch.optim.AdamW(...)), prepared alike
 
 A prepared optimizer forwards only ``closure`` to the optimizer's ``step``, so the loss function and the
 batch travel together in ``regopt.BatchClosure(loss_fn, batch)``; the step is then exactly
 ``optimizer.step(loss_fn, batch)``. Accelerate's ``mixed_precision="bf16"`` runs the model's forward under
-autocast, which is all regopt needs. Two things not to combine with a regopt optimizer:
+autocast, which is all regopt needs. A regopt optimizer around any base (``--base adamw``) is prepared the
+same way, and so is an LR scheduler built on it. Two things not to combine with a regopt optimizer:
 
 - ``gradient_accumulation_steps`` > 1 / ``accelerator.accumulate``: regopt already accumulates, over the
   micro-batches of one large batch, inside one step (``micro_batch_size``); Accelerate's accumulation
@@ -29,7 +31,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
 
-from _common import accuracy, fashion_mnist, small_cnn
+from _common import BASES, accuracy, fashion_mnist, gradnorm_optimizer, small_cnn
 from plain_loop import batches
 
 import regopt
@@ -42,6 +44,7 @@ def main(argv=None) -> dict:
     p.add_argument("--micro-batch-size", type=int, default=64)
     p.add_argument("--penalty", type=float, default=0.01)
     p.add_argument("--mixed-precision", default="bf16", choices=["no", "bf16"])
+    p.add_argument("--base", default="sgd", choices=BASES, help="the optimizer that applies the update")
     p.add_argument("--checkpoint", type=Path, default=Path("examples_out/accelerate.pt"))
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -50,8 +53,7 @@ def main(argv=None) -> dict:
     train, test = fashion_mnist()
     loader = DataLoader(train, batch_size=args.batch_size, shuffle=False, drop_last=True)  # pre-shuffled
     model = small_cnn()
-    optimizer = regopt.GradNormSGD(model.parameters(), lr=0.1, momentum=0.9, micro_batch_size=args.micro_batch_size,
-                                   penalty=args.penalty)
+    optimizer = gradnorm_optimizer(model.parameters(), args.base, args.micro_batch_size, args.penalty)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=15, gamma=0.5)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
 

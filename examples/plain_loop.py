@@ -4,10 +4,13 @@
     python examples/plain_loop.py --steps 20 && python examples/plain_loop.py --steps 40 --resume
                                                                   # the same 40 steps, interrupted at 20
     python examples/plain_loop.py --bf16                          # the closure under torch.autocast(bfloat16)
+    python examples/plain_loop.py --base adamw                    # the same penalty around torch.optim.AdamW
 
 The only change from torch.optim.SGD: ``optimizer.step(loss_fn, batch)`` instead of
 ``loss.backward(); optimizer.step()``. regopt splits the batch into micro-batches, calls ``loss_fn`` on each
-and applies SGD's update with the gradient-norm penalty's gradient folded in.
+and applies SGD's update with the gradient-norm penalty's gradient folded in. With ``--base adamw`` the
+optimizer is ``regopt.GradNorm(torch.optim.AdamW(...), ...)``: the same gradient, AdamW's update; nothing
+else in the loop changes (scheduler, checkpoint and resume included).
 """
 
 from __future__ import annotations
@@ -21,9 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from _common import accuracy, fashion_mnist, small_cnn
-
-import regopt
+from _common import BASES, accuracy, fashion_mnist, gradnorm_optimizer, small_cnn
 
 
 def batches(loader: DataLoader, start_step: int):
@@ -43,6 +44,7 @@ def main(argv=None) -> dict:
     p.add_argument("--micro-batch-size", type=int, default=64)
     p.add_argument("--penalty", type=float, default=0.01)
     p.add_argument("--bf16", action="store_true", help="run the closure under torch.autocast(bfloat16)")
+    p.add_argument("--base", default="sgd", choices=BASES, help="the optimizer that applies the update")
     p.add_argument("--checkpoint", type=Path, default=Path("examples_out/plain.pt"))
     p.add_argument("--resume", action="store_true", help="continue from --checkpoint")
     args = p.parse_args(argv)
@@ -51,8 +53,7 @@ def main(argv=None) -> dict:
     train, test = fashion_mnist()
     loader = DataLoader(train, batch_size=args.batch_size, shuffle=False, drop_last=True)  # pre-shuffled
     model = small_cnn()
-    optimizer = regopt.GradNormSGD(model.parameters(), lr=0.1, momentum=0.9, micro_batch_size=args.micro_batch_size,
-                                   penalty=args.penalty)
+    optimizer = gradnorm_optimizer(model.parameters(), args.base, args.micro_batch_size, args.penalty)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=15, gamma=0.5)
     start = 0
     if args.resume:

@@ -1,5 +1,7 @@
 """examples/: every example runs (as a user runs it, in its own process) and does what its docstring says.
-The trainer examples skip cleanly without the `integrations` extra (lightning, accelerate, timm)."""
+The trainer examples skip cleanly without the `integrations` extra (lightning, accelerate, timm). The
+wrapped-AdamW variants (``--base adamw``) run in this process, through the examples' own functions, to keep
+the suite's time down."""
 
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+import regopt
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
@@ -36,6 +40,32 @@ def assert_equal_tensors(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def assert_equal_states(a, b, where: str = "state") -> None:
+    """Nested dicts, lists and tensors equal, tensors bit for bit (an optimizer's state_dict)."""
+    assert type(a) is type(b), where
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            assert_equal_states(a[key], b[key], f"{where}[{key!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_equal_states(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    else:
+        assert a == b, where
+
+
+@pytest.fixture
+def examples_path():
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        yield
+    finally:
+        sys.path.remove(str(EXAMPLES))
 
 
 def test_plain_loop_interrupted_and_resumed_equals_the_uninterrupted_run(tmp_path):
@@ -76,6 +106,32 @@ def _untrained_first_conv() -> torch.Tensor:
     return small_cnn()[0].weight.detach()
 
 
+@pytest.fixture
+def fresh_accelerate_state():
+    """Accelerate keeps its state in process-wide singletons: reset them around an in-process Accelerator."""
+    state = pytest.importorskip("accelerate.state",
+                                reason="accelerate is not installed (pip install -e '.[integrations]')")
+    state.AcceleratorState._reset_state(reset_partial_state=True)
+    state.GradientState._reset_state()
+    yield
+    state.AcceleratorState._reset_state(reset_partial_state=True)
+    state.GradientState._reset_state()
+
+
+def test_accelerate_loop_with_a_wrapped_adamw_matches_the_plain_loop(fresh_accelerate_state, examples_path, tmp_path):
+    import accelerate_loop
+    import plain_loop
+    steps = ["--steps", "2", "--base", "adamw"]
+    accelerate_loop.main([*steps, "--checkpoint", str(tmp_path / "accelerate.pt")])
+    plain_loop.main([*steps, "--bf16", "--checkpoint", str(tmp_path / "plain.pt")])
+    prepared, plain = load(tmp_path / "accelerate.pt")["model"], load(tmp_path / "plain.pt")
+    for key, value in prepared.items():
+        torch.testing.assert_close(value, plain["model"][key], rtol=1e-5, atol=1e-6, msg=key)
+    adamw_state = [s for key, s in plain["optimizer"]["state"].items() if key != "regopt"]
+    assert adamw_state and all({"exp_avg", "exp_avg_sq", "step"} <= s.keys() for s in adamw_state)
+    assert not torch.equal(prepared["0.weight"], _untrained_first_conv())
+
+
 @needs("timm")
 def test_timm_example_shows_the_fused_attention_error_then_trains_exactly(tmp_path):
     out = run_example("timm_model.py", "--steps", "5", cwd=tmp_path)
@@ -87,14 +143,10 @@ def test_timm_example_shows_the_fused_attention_error_then_trains_exactly(tmp_pa
 
 # -- Lightning -----------------------------------------------------------------------------------------------
 @pytest.fixture
-def lightning_example():
+def lightning_example(examples_path):
     pytest.importorskip("lightning", reason="lightning is not installed (pip install -e '.[integrations]')")
-    sys.path.insert(0, str(EXAMPLES))
-    try:
-        import lightning_module
-        yield lightning_module
-    finally:
-        sys.path.remove(str(EXAMPLES))
+    import lightning_module
+    return lightning_module
 
 
 def _state(module) -> dict:
@@ -114,6 +166,24 @@ def test_lightning_counts_steps_logs_and_resumes_to_the_uninterrupted_run(lightn
     trainer, whole = lightning_example.train(10, tmp_path / "whole")
     assert trainer.global_step == 10 and trainer.optimizers[0].param_groups[0]["lr"] == lr_after == 0.1 * 0.5**3
     assert_equal_tensors(_state(resumed), _state(whole))
+    assert not torch.equal(_state(whole)["model.0.weight"], _untrained_first_conv())
+
+
+def test_lightning_steps_a_wrapped_adamw_logs_and_resumes_to_the_uninterrupted_run(lightning_example, tmp_path):
+    small = {"base": "adamw", "batch_size": 128}  # 2 micro-batches a step, 5 steps an epoch (cut at its end)
+    trainer, module = lightning_example.train(5, tmp_path / "cut", **small)
+    optimizer = trainer.optimizers[0]
+    assert isinstance(optimizer, regopt.GradNorm) and isinstance(optimizer.base, torch.optim.AdamW)
+    assert module.optimizers().stats is optimizer.stats  # Lightning's wrapper reads through to regopt's
+    with open(tmp_path / "cut" / "logs" / "version_0" / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("micro_grad_sq_norm")]
+    assert [float(r["train/num_micro_batches"]) for r in rows] == [2.0] * 5
+    trainer, resumed = lightning_example.train(6, tmp_path / "cut", resume=True, **small)
+    whole_trainer, whole = lightning_example.train(6, tmp_path / "whole", **small)
+    for run in (trainer, whole_trainer):  # StepLR(step_size=3) on the wrapper moved the base's learning rate
+        assert run.global_step == 6 and run.optimizers[0].base.param_groups[0]["lr"] == 1e-3 * 0.5**2
+    assert_equal_tensors(_state(resumed), _state(whole))
+    assert_equal_states(trainer.optimizers[0].state_dict(), whole_trainer.optimizers[0].state_dict())
     assert not torch.equal(_state(whole)["model.0.weight"], _untrained_first_conv())
 
 
@@ -155,5 +225,6 @@ def test_lightning_automatic_optimization_is_refused_with_the_recipe(lightning_e
 
 @needs("lightning")
 def test_lightning_script_prints_global_step_5(tmp_path):
-    out = run_example("lightning_module.py", "--max-steps", "5", "--root", "run", cwd=tmp_path)
+    out = run_example("lightning_module.py", "--max-steps", "5", "--root", "run", "--base", "adamw", cwd=tmp_path)
     assert out.strip().splitlines()[-1] == "global_step 5" and "logged: micro_grad_sq_norm" in out
+    assert "optimizer: GradNorm around AdamW" in out
