@@ -55,14 +55,9 @@ from torch import nn
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import regopt  # noqa: E402
 from benchmarks.models import build_model  # noqa: E402
-from regopt import reference  # noqa: E402
+from regopt import reference, registry  # noqa: E402
 
-PENALIZED = {"GN": ("grad_norm", regopt.GradNormSGD, {}), "FT": ("fisher_trace", regopt.FisherTraceSGD, {}),
-             "AJ": ("average_jacobian", regopt.JacobianRegSGD, {"kind": "average"}),
-             "UJ": ("unit_jacobian", regopt.JacobianRegSGD, {"kind": "unit"})}
-GRAFTS = {"GRAFT-iter": "iterative", "GRAFT-ext": "external", "NGD": "normalized"}
 SUBSAMPLED = ("GN", "FT")  # also timed with the penalty on m = 1 and m = k/4 of the k micro-batches (-sub=m)
 BASELINE = "SGD-accum"
 MIB = 2**20
@@ -135,24 +130,22 @@ def row_builders(args) -> dict[str, Callable[[nn.Module, nn.Module], tuple]]:
     """name -> build(model, forward) -> (optimizer, step), for every base row, in table order."""
     common = dict(lr=args.lr, micro_batch_size=args.micro)
     builders = {BASELINE: lambda m, f: _accumulated_sgd(args, m, f),
-                "LB": _regopt(lambda p: regopt.MicroBatchSGD(p, **common))}
-    for name, (regularizer, cls, extra) in PENALIZED.items():
+                "LB": _regopt(lambda p: registry.build("LB", p, **common))}
+    for name in registry.PENALIZED:
         for method in args.methods:
             builders[f"{name}-{method}"] = _regopt(
-                lambda p, cls=cls, extra=extra, method=method: cls(p, penalty=args.penalty, method=method,
-                                                                   **common, **extra))
+                lambda p, name=name, method=method: registry.build(name, p, penalty=args.penalty, method=method,
+                                                                   **common))
         if not args.no_reference:
-            builders[f"{name}-reference"] = _reference(args, regularizer)
+            builders[f"{name}-reference"] = _reference(args, registry.METHODS[name].regularizer)
     for name in SUBSAMPLED:
-        regularizer, cls, extra = PENALIZED[name]
         for method, m in itertools.product(args.methods, subsample_sizes(args)):
             builders[f"{name}-{method}-sub={m}"] = _regopt(
-                lambda p, cls=cls, extra=extra, method=method, m=m: cls(p, penalty=args.penalty, method=method,
-                                                                        penalty_micro_batches=m, **common, **extra))
-    for name, mode in GRAFTS.items():
-        norms = (lambda t: 1.0) if mode == "external" else None
-        builders[name] = _regopt(lambda p, mode=mode, norms=norms: regopt.GraftedSGD(p, mode=mode, norms=norms,
-                                                                                     **common))
+                lambda p, name=name, method=method, m=m: registry.build(name, p, penalty=args.penalty, method=method,
+                                                                        penalty_micro_batches=m, **common))
+    for name in registry.GRAFTS:
+        grafting = registry.METHODS[name].keep(dict(norms=lambda t: 1.0, **common))  # GRAFT-ext: s = 1
+        builders[name] = _regopt(lambda p, name=name, grafting=grafting: registry.build(name, p, **grafting))
     return builders
 
 

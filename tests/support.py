@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import regopt
+from regopt import registry
 
 CLASSES = 4
 
@@ -125,32 +125,44 @@ def device_params() -> list:
             for name in names]
 
 
-# name -> constructor(params, **kw); FT and UJ draw, so they get a generator on the parameters' device.
-DETERMINISTIC = {
-    "LB": lambda p, **k: regopt.MicroBatchSGD(p, **k),
-    "GN-exact": lambda p, **k: regopt.GradNormSGD(p, penalty=0.3, **k),
-    "GN-finite_difference": lambda p, **k: regopt.GradNormSGD(p, penalty=0.3, method="finite_difference", **k),
-    "AJ-exact": lambda p, **k: regopt.JacobianRegSGD(p, penalty=0.3, kind="average", **k),
-    "AJ-finite_difference": lambda p, **k: regopt.JacobianRegSGD(p, penalty=0.3, kind="average",
-                                                                 method="finite_difference", **k),
-    "GRAFT-iter": lambda p, **k: regopt.GraftedSGD(p, mode="iterative", **k),
-    "GRAFT-ext": lambda p, **k: regopt.GraftedSGD(p, mode="external", norms=lambda t: 0.5 + t, **k),
-    "NGD": lambda p, **k: regopt.GraftedSGD(p, mode="normalized", **k),
-}
-RANDOM = {
-    "FT": (lambda p, g, **k: regopt.FisherTraceSGD(p, generator=g, **k), "fisher_trace"),
-    "UJ": (lambda p, g, **k: regopt.JacobianRegSGD(p, kind="unit", generator=g, **k), "unit_jacobian"),
-}
+# -- optimizers by name (regopt.registry) ----------------------------------------------------------------
+VARIANTS = {"exact": "exact", "fd": "finite_difference", "finite_difference": "finite_difference"}  # method=
+
+
+def constructor(name: str, *, penalty: float | None = None, norms=None, seed: int | None = None,
+                device: torch.device | str = "cpu"):
+    """constructor(params, **kw) of the regopt.registry method ``name``, with λ = ``penalty``, GRAFT-ext's
+    ``norms`` and, for the methods that draw every step (FT, UJ), a fresh generator seeded ``seed`` on ``device``.
+
+    ``name`` may end in a variant of ``VARIANTS`` ("GN-fd": ``method="finite_difference"``). The options a method
+    does not take, given here or to the constructor, are left out (λ for LB, a generator for the grafts).
+    """
+    base, variant = (name, None) if name in registry.METHODS else name.rsplit("-", 1)
+    entry = registry.method(base)
+    fixed = dict(penalty=penalty, norms=norms, method=VARIANTS[variant] if variant else None)
+    fixed = {k: v for k, v in fixed.items() if v is not None}
+
+    def make(params, **options):
+        drawn = {"generator": torch.Generator(device).manual_seed(seed)} if entry.random and seed is not None else {}
+        return entry.build(params, **entry.keep({**fixed, **drawn, **options}))
+    return make
+
+
+def constructors(names, **fixed) -> dict:
+    """name -> :func:`constructor` (name, **fixed), in the order of ``names``."""
+    return {name: constructor(name, **fixed) for name in names}
+
+
+# FT and UJ draw every step; the others draw nothing here (no penalty subsets).
+RANDOM = [name for name, entry in registry.METHODS.items() if entry.random]
+DETERMINISTIC = constructors(["LB", "GN-exact", "GN-finite_difference", "AJ-exact", "AJ-finite_difference",
+                              "GRAFT-iter", "GRAFT-ext", "NGD"], penalty=0.3, norms=lambda t: 0.5 + t)
 
 
 def every_optimizer(device: torch.device) -> dict:
     """name -> constructor for all optimizers, FT and UJ with a seeded generator on ``device``."""
-    makers = dict(DETERMINISTIC)
-    for name, (make, _) in RANDOM.items():
-        for method in ("exact", "finite_difference"):
-            makers[f"{name}-{method}"] = (lambda make, method: lambda p, **k: make(
-                p, torch.Generator(device).manual_seed(5), penalty=0.3, method=method, **k))(make, method)
-    return makers
+    random = [f"{name}-{method}" for name in RANDOM for method in ("exact", "finite_difference")]
+    return constructors([*DETERMINISTIC, *random], penalty=0.3, norms=lambda t: 0.5 + t, seed=5, device=device)
 
 
 def on(device: torch.device, model: nn.Module, batch: tuple[torch.Tensor, ...]):

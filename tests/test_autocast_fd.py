@@ -13,10 +13,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import regopt
+from regopt import registry
 
 LR, PENALTY = 0.5, 1.0
-CLASSES = {"GN": (regopt.GradNormSGD, {}), "FT": (regopt.FisherTraceSGD, {}),
-           "AJ": (regopt.JacobianRegSGD, {"kind": "average"})}
+NAMES = ["GN", "FT", "AJ"]
 
 
 def _model() -> nn.Module:
@@ -48,9 +48,8 @@ def _params_after_step(name: str | None, method: str, inside: bool) -> torch.Ten
     if name is None:
         opt = regopt.MicroBatchSGD(model.parameters(), lr=LR, micro_batch_size=8)
     else:
-        cls, kwargs = CLASSES[name]
-        opt = cls(model.parameters(), lr=LR, micro_batch_size=8, penalty=PENALTY, method=method, fd_eps=0.05,
-                  generator=torch.Generator().manual_seed(2), **kwargs)
+        opt = registry.build(name, model.parameters(), lr=LR, micro_batch_size=8, penalty=PENALTY, method=method,
+                             fd_eps=0.05, generator=torch.Generator().manual_seed(2))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # fd_eps is small for bfloat16's rounding: the tolerance below allows it
         with contextlib.nullcontext() if inside else _bf16():
@@ -59,7 +58,7 @@ def _params_after_step(name: str | None, method: str, inside: bool) -> torch.Ten
 
 
 @pytest.mark.parametrize("inside", [False, True], ids=["autocast around the step", "autocast inside loss_fn"])
-@pytest.mark.parametrize("name", list(CLASSES))
+@pytest.mark.parametrize("name", NAMES)
 def test_finite_differences_apply_the_exact_penalty_under_bfloat16_autocast(name, inside):
     first_order = _params_after_step(None, "exact", inside)
     # θ_LB − θ = lr λ P: the applied penalty gradient, the same micro-batches and draws either way

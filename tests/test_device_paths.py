@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import regopt
-from regopt import reference
-from support import (RANDOM, assert_close_models, assert_models_match, cnn, data_for, device_params, every_optimizer,
-                     float_batch, float_cnn, logits_closure, mlp, on, stats_vector)
+from regopt import reference, registry
+from support import (RANDOM, assert_close_models, assert_models_match, cnn, constructors, data_for, device_params,
+                     every_optimizer, float_batch, float_cnn, logits_closure, mlp, on, stats_vector)
 
 DEVICES = device_params()
 
@@ -29,17 +29,17 @@ DEVICES = device_params()
 @pytest.mark.parametrize("name", list(RANDOM))
 @pytest.mark.parametrize("device", DEVICES)
 def test_random_penalties_on_device_equal_the_reference_loop_on_device(device, name):
-    make, regularizer = RANDOM[name]
+    method = registry.METHODS[name]
     model, batch = on(device, cnn(12), data_for(cnn(12), 7))
     ref_model = copy.deepcopy(model)
-    opt = make(model.parameters(), torch.Generator(device).manual_seed(9), lr=0.1, momentum=0.9,
-               micro_batch_size=3, penalty=0.3)
+    opt = method.build(model.parameters(), generator=torch.Generator(device).manual_seed(9), lr=0.1, momentum=0.9,
+                       micro_batch_size=3, penalty=0.3)
     sgd = torch.optim.SGD(ref_model.parameters(), lr=0.1, momentum=0.9)
     ref_generator = torch.Generator(device).manual_seed(9)
     for _ in range(2):
         opt.step(logits_closure(model), batch)
-        stats = reference.step(sgd, logits_closure(ref_model), batch, micro_batch_size=3, regularizer=regularizer,
-                               penalty=0.3, generator=ref_generator)
+        stats = reference.step(sgd, logits_closure(ref_model), batch, micro_batch_size=3, penalty=0.3,
+                               generator=ref_generator, **method.reference_options)
         assert opt.stats.penalty.item() == pytest.approx(stats.penalty, rel=1e-10)
     assert_close_models(model, ref_model)
 
@@ -48,7 +48,7 @@ def test_random_penalties_on_device_equal_the_reference_loop_on_device(device, n
 @pytest.mark.parametrize("device", DEVICES)
 def test_random_penalties_finite_differences_track_exact_on_device(device, name):
     """Same seed, same draws: the finite-difference penalty step is the exact one up to O(ε) (≈ 1.1 ε here)."""
-    make = RANDOM[name][0]
+    make = registry.METHODS[name].build
     model, batch = on(device, cnn(13), data_for(cnn(13), 8))
 
     def update(opt, m):
@@ -60,8 +60,8 @@ def test_random_penalties_finite_differences_track_exact_on_device(device, name)
     parts = []
     for method in ("exact", "finite_difference"):
         m = copy.deepcopy(model)
-        opt = make(m.parameters(), torch.Generator(device).manual_seed(4), lr=1.0, micro_batch_size=4, penalty=1.0,
-                   method=method, fd_eps=1e-6)
+        opt = make(m.parameters(), generator=torch.Generator(device).manual_seed(4), lr=1.0, micro_batch_size=4,
+                   penalty=1.0, method=method, fd_eps=1e-6)
         parts.append(update(opt, m))
     (exact, exact_penalty), (fd, fd_penalty) = parts
     torch.testing.assert_close(fd_penalty, exact_penalty, rtol=1e-10, atol=0)  # same draws, same R_j
@@ -145,11 +145,11 @@ def test_finite_difference_pass_replays_the_dropout_masks_of_the_device_rng(devi
 @pytest.mark.parametrize("method", ["exact", "finite_difference"])
 @pytest.mark.parametrize("device", DEVICES)
 def test_device_generator_resumes_bit_identically_from_a_state_dict(device, name, method):
-    make = RANDOM[name][0]
+    make = registry.METHODS[name].build
     model, batch = on(device, mlp(14, width=8), data_for(mlp(14, width=8), 9))
 
     def optimizer(m, seed):
-        return make(m.parameters(), torch.Generator(device).manual_seed(seed), lr=0.1, momentum=0.9,
+        return make(m.parameters(), generator=torch.Generator(device).manual_seed(seed), lr=0.1, momentum=0.9,
                     micro_batch_size=3, penalty=0.3, method=method)
     opt = optimizer(model, 1)
     for _ in range(2):
@@ -178,11 +178,7 @@ def test_device_generator_resumes_bit_identically_from_a_state_dict(device, name
 
 
 # -- float16 ----------------------------------------------------------------------------------------
-FLOAT16 = {
-    "LB": lambda p, **k: regopt.MicroBatchSGD(p, **k),
-    "GN-exact": lambda p, **k: regopt.GradNormSGD(p, penalty=0.1, **k),
-    "GN-finite_difference": lambda p, **k: regopt.GradNormSGD(p, penalty=0.1, method="finite_difference", **k),
-}
+FLOAT16 = constructors(["LB", "GN-exact", "GN-finite_difference"], penalty=0.1)
 
 
 # regopt warns that fd_eps is small for half precision: true, and beside the point of these checks.

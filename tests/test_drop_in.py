@@ -11,31 +11,16 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import regopt
-from regopt import reference
-from support import assert_close_models, assert_same_state, cnn, data_for, logits_closure, loss_closure, mlp, snapshot
+from regopt import reference, registry
+from support import (assert_close_models, assert_same_state, cnn, constructors, data_for, logits_closure, loss_closure,
+                     mlp, snapshot)
 
 SGD_OPTIONS = dict(lr=0.1, momentum=0.9, weight_decay=0.1)
-ALL = {
-    "LB": lambda p, **k: regopt.MicroBatchSGD(p, **k),
-    "GN": lambda p, **k: regopt.GradNormSGD(p, penalty=0.3, **k),
-    "GN-fd": lambda p, **k: regopt.GradNormSGD(p, penalty=0.3, method="finite_difference", **k),
-    "FT": lambda p, **k: regopt.FisherTraceSGD(p, penalty=0.3, generator=torch.Generator().manual_seed(0), **k),
-    "FT-fd": lambda p, **k: regopt.FisherTraceSGD(p, penalty=0.3, generator=torch.Generator().manual_seed(0),
-                                                  method="finite_difference", **k),
-    "AJ": lambda p, **k: regopt.JacobianRegSGD(p, penalty=0.3, kind="average", **k),
-    "UJ": lambda p, **k: regopt.JacobianRegSGD(p, penalty=0.3, kind="unit", generator=torch.Generator().manual_seed(0),
-                                               **k),
-    "GRAFT-iter": lambda p, **k: regopt.GraftedSGD(p, mode="iterative", **k),
-    "GRAFT-ext": lambda p, **k: regopt.GraftedSGD(p, mode="external", norms=lambda t: 0.5, **k),
-    "NGD": lambda p, **k: regopt.GraftedSGD(p, mode="normalized", **k),
-}
-# name -> (optimizer, regopt.reference keyword arguments), for the exact optimizers
-REFERENCE = {
-    "LB": {}, "GN": {"regularizer": "grad_norm"}, "FT": {"regularizer": "fisher_trace"},
-    "AJ": {"regularizer": "average_jacobian"}, "UJ": {"regularizer": "unit_jacobian"},
-    "GRAFT-iter": {"graft": "iterative"}, "GRAFT-ext": {"graft": "external", "graft_norm": 0.5},
-    "NGD": {"graft": "normalized"},
-}
+ALL = constructors(["LB", "GN", "GN-fd", "FT", "FT-fd", "AJ", "UJ", "GRAFT-iter", "GRAFT-ext", "NGD"], penalty=0.3,
+                   norms=lambda t: 0.5, seed=0)
+# name -> regopt.reference keyword arguments, for the exact optimizers
+REFERENCE = {name: method.reference_options for name, method in registry.METHODS.items()}
+REFERENCE["GRAFT-ext"]["graft_norm"] = 0.5
 
 
 def _torch_sgd_step(sgd, model, closure, batch):

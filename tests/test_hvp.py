@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import regopt
-from regopt import hvp
+from regopt import hvp, registry
 from regopt.transaction import frozen_buffers
 from support import assert_close_models, cnn, data_for, logits_closure, loss_closure, mlp
 
@@ -81,13 +81,9 @@ def test_penalty_independent_of_parameters_gives_zero_gradient():
     assert out.penalty.item() == pytest.approx(5.0, rel=1e-15) and torch.equal(out.penalty_grad[0], torch.zeros(2, dtype=torch.float64))
 
 
-@pytest.mark.parametrize("name", ["GN", "FT", "AJ", "UJ"])
+@pytest.mark.parametrize("name", registry.PENALIZED)
 def test_optimizers_finite_difference_close_to_exact_on_smooth_model(name):
-    make = {
-        "GN": regopt.GradNormSGD, "FT": regopt.FisherTraceSGD,
-        "AJ": lambda *a, **k: regopt.JacobianRegSGD(*a, kind="average", **k),
-        "UJ": lambda *a, **k: regopt.JacobianRegSGD(*a, kind="unit", **k),
-    }[name]
+    make = registry.METHODS[name].build
     models = [mlp(3, act=nn.Softplus) for _ in range(2)]
     opts = [make(m.parameters(), lr=0.5, micro_batch_size=2, penalty=1.0, method=method, fd_eps=1e-6,
                  generator=torch.Generator().manual_seed(0))

@@ -11,19 +11,10 @@ from torch import nn
 
 import regopt
 from regopt import reference
-from support import (assert_close_models, assert_same_state, cnn, data_for, float_batch, float_cnn, logits_closure,
-                     snapshot)
+from support import (assert_close_models, assert_same_state, cnn, constructors, data_for, float_batch, float_cnn,
+                     logits_closure, snapshot)
 
-MAKERS = {
-    "LB": lambda p, **k: regopt.MicroBatchSGD(p, **k),
-    "GN": lambda p, **k: regopt.GradNormSGD(p, penalty=0.1, **k),
-    "GN-fd": lambda p, **k: regopt.GradNormSGD(p, penalty=0.1, method="finite_difference", **k),
-    "FT": lambda p, **k: regopt.FisherTraceSGD(p, penalty=0.1, generator=torch.Generator().manual_seed(0), **k),
-    "AJ": lambda p, **k: regopt.JacobianRegSGD(p, penalty=0.1, kind="average", **k),
-    "UJ": lambda p, **k: regopt.JacobianRegSGD(p, penalty=0.1, kind="unit", generator=torch.Generator().manual_seed(0),
-                                               **k),
-    "GRAFT-iter": lambda p, **k: regopt.GraftedSGD(p, mode="iterative", **k),
-}
+MAKERS = constructors(["LB", "GN", "GN-fd", "FT", "AJ", "UJ", "GRAFT-iter"], penalty=0.1, seed=0)
 
 
 @pytest.mark.parametrize("name", list(MAKERS))

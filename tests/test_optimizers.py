@@ -13,23 +13,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import regopt
-from support import (assert_close_models, assert_same_state, cnn, data_for, logits_closure, loss_closure, mlp,
-                      requires_cuda, snapshot)
+from regopt import registry
+from support import (assert_close_models, assert_same_state, cnn, constructors, data_for, logits_closure, loss_closure,
+                     mlp, requires_cuda, snapshot)
 
-PENALIZED = {
-    "GN": lambda params, **kw: regopt.GradNormSGD(params, **kw),
-    "FT": lambda params, **kw: regopt.FisherTraceSGD(params, **kw),
-    "AJ": lambda params, **kw: regopt.JacobianRegSGD(params, kind="average", **kw),
-    "UJ": lambda params, **kw: regopt.JacobianRegSGD(params, kind="unit", **kw),
-}
-ALL = {
-    "LB": lambda params, **kw: regopt.MicroBatchSGD(params, **kw),
-    **{name: (lambda make: lambda params, **kw: make(params, penalty=0.3, **kw))(make)
-       for name, make in PENALIZED.items()},
-    "GRAFT-iter": lambda params, **kw: regopt.GraftedSGD(params, mode="iterative", **kw),
-    "GRAFT-ext": lambda params, **kw: regopt.GraftedSGD(params, mode="external", norms=lambda t: 1.0 + t, **kw),
-    "NGD": lambda params, **kw: regopt.GraftedSGD(params, mode="normalized", **kw),
-}
+PENALIZED = constructors(registry.PENALIZED)
+ALL = constructors(registry.NAMES, penalty=0.3, norms=lambda t: 1.0 + t)
 
 
 @pytest.mark.parametrize("name", list(PENALIZED))
@@ -126,7 +115,7 @@ def test_grad_holds_the_applied_gradient_and_is_replaced():
 def test_checkpoint_resume_continues_the_identical_trajectory(name):
     def make(model):
         generator = torch.Generator().manual_seed(3)
-        kwargs = {"generator": generator} if name in {"FT", "UJ"} else {}
+        kwargs = {"generator": generator} if registry.METHODS[name].random else {}
         opt = ALL[name](model.parameters(), lr=0.1, momentum=0.9, micro_batch_size=3, **kwargs)
         return opt, torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
 
@@ -255,7 +244,7 @@ def test_bad_kind_and_mode():
 @pytest.mark.parametrize("name", list(ALL))
 def test_bad_step_input_changes_nothing(name):
     model = cnn(14)
-    generator = {"generator": torch.Generator().manual_seed(0)} if name in {"FT", "UJ"} else {}
+    generator = {"generator": torch.Generator().manual_seed(0)} if registry.METHODS[name].random else {}
     opt = ALL[name](model.parameters(), lr=0.1, momentum=0.9, micro_batch_size=3, **generator)
     x, y = data_for(model, 8)
     opt.step(logits_closure(model), (x, y))  # momentum buffers, .grad and step count now exist
@@ -359,8 +348,8 @@ def test_max_grad_norm_clips_the_applied_gradient():
 @requires_cuda
 @pytest.mark.parametrize("name", list(ALL))
 def test_no_host_sync_inside_the_micro_batch_loop_on_cuda(name):
-    from regopt.engine import accumulate
-    from regopt.batching import split_batch
+    from regopt.engine import StepSetup, accumulate
+    from regopt.batching import autocast_state, split_batch
     model = cnn(19).float().cuda()
     x, y = data_for(cnn(19), 12)
     opt = ALL[name](model.parameters(), lr=0.1, micro_batch_size=4)
@@ -368,6 +357,8 @@ def test_no_host_sync_inside_the_micro_batch_loop_on_cuda(name):
     micro = split_batch((x.float().cuda(), y.cuda()), 4)
     torch.cuda.set_sync_debug_mode("error")
     try:
-        accumulate(logits_closure(model), micro, params, opt._penalty, opt.method, opt.generator, opt.fd_eps)
+        setup = StepSetup(logits_closure(model), len(micro), params,
+                          **opt._penalty_setup(params, None, autocast_state(params[0].device)))
+        accumulate(setup, micro)
     finally:
         torch.cuda.set_sync_debug_mode("default")

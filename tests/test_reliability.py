@@ -15,19 +15,12 @@ from hypothesis import strategies as st
 from torch import nn
 
 import regopt
-from support import assert_close_models, assert_same_state, assert_unchanged, cnn, data_for, logits_closure, mlp, snapshot
+from regopt import registry
+from support import (assert_close_models, assert_same_state, assert_unchanged, cnn, constructors, data_for,
+                     logits_closure, mlp, snapshot)
 
-OPTIMIZERS = {
-    "LB": lambda p, g, **k: regopt.MicroBatchSGD(p, **k),
-    "GN": lambda p, g, **k: regopt.GradNormSGD(p, penalty=0.2, generator=g, **k),
-    "GN-fd": lambda p, g, **k: regopt.GradNormSGD(p, penalty=0.2, method="finite_difference", generator=g, **k),
-    "FT": lambda p, g, **k: regopt.FisherTraceSGD(p, penalty=0.2, generator=g, **k),
-    "AJ": lambda p, g, **k: regopt.JacobianRegSGD(p, penalty=0.2, kind="average", generator=g, **k),
-    "UJ": lambda p, g, **k: regopt.JacobianRegSGD(p, penalty=0.2, kind="unit", generator=g, **k),
-    "GRAFT-iter": lambda p, g, **k: regopt.GraftedSGD(p, mode="iterative", **k),
-    "GRAFT-ext": lambda p, g, **k: regopt.GraftedSGD(p, mode="external", norms=lambda t: 0.5, **k),
-    "NGD": lambda p, g, **k: regopt.GraftedSGD(p, mode="normalized", **k),
-}
+# every penalized optimizer gets the caller's generator
+OPTIMIZERS = constructors([*registry.NAMES, "GN-fd"], penalty=0.2, norms=lambda t: 0.5)
 fuzz = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                         HealthCheck.function_scoped_fixture])
 
@@ -35,7 +28,7 @@ fuzz = settings(max_examples=30, deadline=None, suppress_health_check=[HealthChe
 def _primed(name, seed=0):
     """A model and optimizer after one good step: momentum, .grad, generator and step count all exist."""
     model = mlp(seed)
-    opt = OPTIMIZERS[name](model.parameters(), torch.Generator().manual_seed(seed), lr=0.1, momentum=0.9,
+    opt = OPTIMIZERS[name](model.parameters(), generator=torch.Generator().manual_seed(seed), lr=0.1, momentum=0.9,
                            micro_batch_size=3)
     opt.step(logits_closure(model), data_for(model, 7))
     return model, opt
@@ -129,7 +122,7 @@ def test_fuzzed_faults_raise_and_change_nothing(name, batch_size, bad_call, faul
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_skip_nonfinite_skips_on_any_term(name):
     model = mlp(1)
-    opt = OPTIMIZERS[name](model.parameters(), torch.Generator().manual_seed(0), lr=0.1, momentum=0.9,
+    opt = OPTIMIZERS[name](model.parameters(), generator=torch.Generator().manual_seed(0), lr=0.1, momentum=0.9,
                            micro_batch_size=3, skip_nonfinite=True)
     opt.step(logits_closure(model), data_for(model, 7))
     before = snapshot(model, opt)
@@ -202,7 +195,8 @@ def test_interrupted_runs_resume_bit_identically(name, stop, seed, subset, loss_
     def fresh(model_seed):
         model = cnn(model_seed)
         generator = torch.Generator().manual_seed(model_seed)
-        opt = OPTIMIZERS[name](model.parameters(), generator, lr=0.1, momentum=0.9, micro_batch_size=3, **options)
+        opt = OPTIMIZERS[name](model.parameters(), generator=generator, lr=0.1, momentum=0.9, micro_batch_size=3,
+                               **options)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=6)
         return model, opt, scheduler
 
@@ -243,7 +237,7 @@ def test_soak_five_thousand_steps_without_growth():
     x, y = torch.randn(4, 3, dtype=torch.float64), torch.randint(0, 3, (4,))
     closure = logits_closure(model)
     for name, make in OPTIMIZERS.items():
-        opt = make(model.parameters(), torch.Generator().manual_seed(0), lr=1e-3, micro_batch_size=2)
+        opt = make(model.parameters(), generator=torch.Generator().manual_seed(0), lr=1e-3, micro_batch_size=2)
         for _ in range(50):
             opt.step(closure, (x, y))
         tensors, rss = _live_tensors(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -23,7 +23,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import regopt
-from regopt import engine, hvp, reference
+from regopt import engine, hvp, reference, registry
 
 from dist_support import launch
 from support import logits_closure, mlp, requires_cuda
@@ -33,17 +33,12 @@ K = 4
 PENALTY = 0.3
 SEED = 11
 FD_EPS = 1e-6
-REGULARIZER = {"GN": "grad_norm", "FT": "fisher_trace", "AJ": "average_jacobian", "UJ": "unit_jacobian"}
 
 
 def make_optimizer(name: str, model, method: str = "exact", m: int | None = None, seed: int = SEED, **kwargs):
-    common = dict(lr=0.1, micro_batch_size=SIZE, penalty=PENALTY, method=method, fd_eps=FD_EPS,
-                  generator=torch.Generator().manual_seed(seed), penalty_micro_batches=m, **kwargs)
-    if name == "GN":
-        return regopt.GradNormSGD(model.parameters(), **common)
-    if name == "FT":
-        return regopt.FisherTraceSGD(model.parameters(), **common)
-    return regopt.JacobianRegSGD(model.parameters(), kind={"AJ": "average", "UJ": "unit"}[name], **common)
+    return registry.build(name, model.parameters(), lr=0.1, micro_batch_size=SIZE, penalty=PENALTY, method=method,
+                          fd_eps=FD_EPS, generator=torch.Generator().manual_seed(seed), penalty_micro_batches=m,
+                          **kwargs)
 
 
 def batch(seed: int = 0):
@@ -69,22 +64,23 @@ def reference_terms(name, model, data=None):
     """Per micro-batch, from regopt.reference: (w_j, g_j, λ∇R_j, R_j), draws in the optimizer's order."""
     generator = torch.Generator().manual_seed(SEED)
     x, y = batch() if data is None else data
+    penalized = registry.METHODS[name].regularizer
     terms = []
     for start in range(0, len(x), SIZE):
         part, grads, penalty = (x[start:start + SIZE], y[start:start + SIZE]), {}, 0.0
-        for regularizer in ("none", REGULARIZER[name]):  # "none" draws nothing
+        for regularizer in ("none", penalized):  # "none" draws nothing
             copied = copy.deepcopy(model)
             sgd = torch.optim.SGD(copied.parameters(), lr=0.0)
             stats = reference.step(sgd, logits_closure(copied), part, micro_batch_size=SIZE, regularizer=regularizer,
                                    penalty=PENALTY, generator=generator)
             grads[regularizer], penalty = flat(p.grad for p in copied.parameters()), stats.penalty
         g = grads["none"]
-        terms.append((part[0].shape[0] / len(x), g, grads[REGULARIZER[name]] - g, penalty))
+        terms.append((part[0].shape[0] / len(x), g, grads[penalized] - g, penalty))
     return terms
 
 
 @pytest.mark.parametrize("method", ["exact", "finite_difference"])
-@pytest.mark.parametrize("name", ["GN", "FT", "AJ", "UJ"])
+@pytest.mark.parametrize("name", registry.PENALIZED)
 @pytest.mark.parametrize("m", [1, K - 1])
 def test_the_average_over_all_subsets_is_the_full_penalty_and_each_subset_its_own_sum(name, method, m, monkeypatch):
     model = mlp(3)

@@ -9,17 +9,10 @@ from torch import nn
 
 import regopt
 from regopt.transaction import BufferRecord, StepTransaction, frozen_buffers
-from support import assert_close_models, assert_same_state, assert_unchanged, cnn, data_for, logits_closure, loss_closure, snapshot
+from support import (assert_close_models, assert_same_state, assert_unchanged, cnn, constructors, data_for,
+                     logits_closure, loss_closure, snapshot)
 
-OPTIMIZERS = {
-    "LB": lambda p, **k: regopt.MicroBatchSGD(p, **k),
-    "GN": lambda p, **k: regopt.GradNormSGD(p, penalty=0.2, **k),
-    "GN-fd": lambda p, **k: regopt.GradNormSGD(p, penalty=0.2, method="finite_difference", **k),
-    "FT": lambda p, **k: regopt.FisherTraceSGD(p, penalty=0.2, generator=torch.Generator().manual_seed(0), **k),
-    "UJ": lambda p, **k: regopt.JacobianRegSGD(p, penalty=0.2, kind="unit", generator=torch.Generator().manual_seed(0),
-                                               **k),
-    "GRAFT-iter": lambda p, **k: regopt.GraftedSGD(p, mode="iterative", **k),
-}
+OPTIMIZERS = constructors(["LB", "GN", "GN-fd", "FT", "UJ", "GRAFT-iter"], penalty=0.2, seed=0)
 
 
 def _primed(name, **kwargs):

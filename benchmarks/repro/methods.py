@@ -28,10 +28,10 @@ from typing import Any
 import torch
 from torch import nn
 
-import regopt
+from regopt import registry
 
-BASE_METHODS = ("SB", "LB", "GN", "FT", "AJ", "UJ", "GRAFT-iter", "GRAFT-ext", "NGD")
-PENALIZED = ("GN", "FT", "AJ", "UJ")
+BASE_METHODS = ("SB", *registry.NAMES)  # SB: plain torch.optim.SGD on batches of |M|
+PENALIZED = registry.PENALIZED
 NEEDS_SB = ("GRAFT-ext", "NGD")  # they read this seed's SB run (its norms, its step length)
 GRAMMAR = "BASE[@λ=VALUE][-|M|=SIZE][-sub=COUNT]"
 _BASE_RE = re.compile("|".join(re.escape(b) for b in sorted(BASE_METHODS, key=len, reverse=True)))
@@ -201,30 +201,22 @@ def build_optimizer(spec: MethodSpec, model: nn.Module, hp: Mapping[str, Any], c
     common = dict(lr=hp["lr"], momentum=config["momentum"], weight_decay=config["weight_decay"])
     if spec.base == "SB":
         return torch.optim.SGD(params, **common)
-    micro = dict(micro_batch_size=hp["micro_batch_size"])
-    if spec.base == "LB":
-        return regopt.MicroBatchSGD(params, **common, **micro)
-    penalized = dict(penalty=hp["penalty"], method=config["grad_method"],
-                     penalty_micro_batches=spec.penalty_micro_batches, **micro)
-    if spec.base == "GN":  # the generator draws GN's subsets (-sub=m); without them GN draws nothing
-        return regopt.GradNormSGD(params, **common, generator=generator, **penalized)
-    if spec.base == "FT":
-        return regopt.FisherTraceSGD(params, **common, generator=generator, **penalized)
-    if spec.base in ("AJ", "UJ"):
-        kind = "average" if spec.base == "AJ" else "unit"
-        return regopt.JacobianRegSGD(params, **common, kind=kind, generator=generator, **penalized)
-    if spec.base == "GRAFT-iter":
-        return regopt.GraftedSGD(params, **common, mode="iterative", **micro)
+    method = registry.method(spec.base)
+    # The generator also draws the penalized micro-batches (-sub=m); GN and AJ draw nothing else.
+    options = dict(micro_batch_size=hp["micro_batch_size"], penalty=hp["penalty"], method=config["grad_method"],
+                   penalty_micro_batches=spec.penalty_micro_batches, generator=generator)
     if spec.base == "GRAFT-ext":
-        if sb_norms is None:
-            raise RuntimeError("GRAFT-ext needs the norms of this seed's SB run")
-        recorded = list(sb_norms)
-        # SB has as many steps as every method; if it stopped early (diverged), its last norm is held.
-        return regopt.GraftedSGD(params, **common, mode="external",
-                                 norms=lambda t: recorded[min(t, len(recorded) - 1)], **micro)
-    if spec.base == "NGD":
-        return regopt.GraftedSGD(params, **common, mode="normalized", **micro)
-    raise ValueError(spec.name)
+        options["norms"] = _recorded_norms(sb_norms)
+    return method.build(params, **common, **method.keep(options))
+
+
+def _recorded_norms(sb_norms: Sequence[float] | None) -> Callable[[int], float]:
+    """GRAFT-ext's s_t: the norms of this seed's SB run; SB has as many steps as every method, and if it stopped
+    early (diverged), its last norm is held."""
+    if sb_norms is None:
+        raise RuntimeError("GRAFT-ext needs the norms of this seed's SB run")
+    recorded = list(sb_norms)
+    return lambda t: recorded[min(t, len(recorded) - 1)]
 
 
 __all__ = ["BASE_METHODS", "GRAMMAR", "MethodSpec", "NEEDS_SB", "PENALIZED", "build_optimizer", "canonical_name",

@@ -11,9 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmarks import fd_faithfulness as fd
-from regopt import reference
-
-PENALTY_NAMES = {"GN": "grad_norm", "FT": "fisher_trace", "AJ": "average_jacobian", "UJ": "unit_jacobian"}
+from regopt import reference, registry
 
 
 def _smooth_model(seed: int = 0) -> nn.Module:
@@ -80,8 +78,8 @@ def test_exact_and_forward_match_regopt_on_a_relu_cnn(name):
     grads = []
     for penalty in (0.0, 1.0):
         sgd = torch.optim.SGD(model.parameters(), lr=0.0)
-        reference.step(sgd, closure, (x, y), micro_batch_size=8, regularizer=PENALTY_NAMES[name], penalty=penalty,
-                       generator=torch.Generator().manual_seed(5))
+        reference.step(sgd, closure, (x, y), micro_batch_size=8, penalty=penalty,
+                       generator=torch.Generator().manual_seed(5), **registry.METHODS[name].reference_options)
         grads.append(fd.flatten([p.grad for p in model.parameters()]))
     expected = grads[1] - grads[0]
     assert expected.norm() > 0
