@@ -13,18 +13,23 @@ import contextlib
 import operator
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 Batch = Tensor | Sequence[Tensor] | Mapping[str, Tensor]
-AutocastState = tuple[str, torch.dtype, bool]
+class AutocastState(NamedTuple):
+    """The caller's ``torch.autocast`` settings for one device type, to re-enter around the closure alone."""
+
+    device_type: str
+    dtype: torch.dtype
+    enabled: bool
 
 
 def autocast_state(device: torch.device) -> AutocastState:
     """The ambient ``torch.autocast`` settings for ``device``'s type, to re-enter later."""
-    return device.type, torch.get_autocast_dtype(device.type), torch.is_autocast_enabled(device.type)
+    return AutocastState(device.type, torch.get_autocast_dtype(device.type), torch.is_autocast_enabled(device.type))
 
 
 @dataclass(frozen=True)
@@ -168,6 +173,12 @@ def call_closure(closure: Callable[..., Any], micro: MicroBatch, count: int,
             if _BATCH_NORM_NEEDS_TWO not in str(error):
                 raise  # the closure's own exception, unchanged
             raise ValueError(_one_example_message(error, where, micro)) from error
+    return _checked_output(result, micro, where)
+
+
+def _checked_output(result: Any, micro: MicroBatch, where: str) -> ClosureOutput:
+    """``loss`` or ``(loss, logits)`` as returned on ``micro`` (``where``), checked: a 0-dim loss that requires
+    grad, logits of shape [|M_j|, C]."""
     logits = None
     if isinstance(result, tuple):
         if len(result) != 2:

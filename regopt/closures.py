@@ -84,18 +84,7 @@ def step_arguments(owner: str, closure: Any, batch: Any, loss_fn: Any) -> StepAr
             raise TypeError(f"{owner}.step got a BatchClosure and also batch= or loss_fn=: pass one or the other")
         return StepArguments(closure.loss_fn, closure.batch, None)
     if loss_fn is not None:
-        if not callable(loss_fn):
-            raise TypeError(f"{owner}.step: loss_fn must be callable, got {type(loss_fn).__name__}")
-        if batch is None:
-            raise TypeError(f"{owner}.step got loss_fn= but no batch=: step(batch=batch, loss_fn=loss_fn)")
-        if closure is not None and not callable(closure):
-            raise TypeError(f"{owner}.step: closure must be callable, got {type(closure).__name__}")
-        if closure is not None and (closure is loss_fn or not _takes_no_arguments(closure)):
-            raise TypeError(
-                f"{owner}.step got a loss function both as its first argument and as loss_fn= (a first argument "
-                f"beside loss_fn= must be a trainer's zero-argument closure): ambiguous. {_SPELLINGS}"
-            )
-        return StepArguments(loss_fn, batch, closure)
+        return _keyword_arguments(owner, closure, batch, loss_fn)
     if closure is not None and batch is None and callable(closure) and _takes_no_arguments(closure):
         raise TypeError(
             f"{owner}.step got a zero-argument closure and no batch: that is how a trainer's automatic "
@@ -118,6 +107,22 @@ def step_arguments(owner: str, closure: Any, batch: Any, loss_fn: Any) -> StepAr
             "returns the mean loss over the micro-batch (or step(batch=batch, loss_fn=loss_fn))"
         )
     return StepArguments(closure, batch, None)
+
+
+def _keyword_arguments(owner: str, hook: Any, batch: Any, loss_fn: Any) -> StepArguments:
+    """``step(hook, batch=batch, loss_fn=loss_fn)``: a trainer's zero-argument closure (or None) as ``hook``."""
+    if not callable(loss_fn):
+        raise TypeError(f"{owner}.step: loss_fn must be callable, got {type(loss_fn).__name__}")
+    if batch is None:
+        raise TypeError(f"{owner}.step got loss_fn= but no batch=: step(batch=batch, loss_fn=loss_fn)")
+    if hook is not None and not callable(hook):
+        raise TypeError(f"{owner}.step: closure must be callable, got {type(hook).__name__}")
+    if hook is not None and (hook is loss_fn or not _takes_no_arguments(hook)):
+        raise TypeError(
+            f"{owner}.step got a loss function both as its first argument and as loss_fn= (a first argument "
+            f"beside loss_fn= must be a trainer's zero-argument closure): ambiguous. {_SPELLINGS}"
+        )
+    return StepArguments(loss_fn, batch, hook)
 
 
 def check_trainer_accumulation(owner: str) -> None:

@@ -58,7 +58,7 @@ collective left pending. A rank that fails *before* the all-reduce (an empty or 
 leaves of different sizes, a closure error, out of memory, a malformed ``step()`` call such as
 ``step(closure, None)``) still joins the step's all-reduce, with a poisoned buffer
 (:func:`join_failed_step`): NaN sums, and agreement slots that name it (its global rank) and why
-(:data:`regopt.engine.FAILURE_KINDS`). That rank re-raises its own exception; every other rank
+(:data:`FAILURE_KINDS`). That rank re-raises its own exception; every other rank
 raises FloatingPointError naming it and the problem ("another rank (rank 1) failed before the step's
 all-reduce: its shard of the batch is malformed or empty"), also with ``skip_nonfinite`` or loss
 scaling (a rank raised, so nobody skips), instead of waiting until the process group's timeout.
@@ -121,12 +121,34 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from . import forward_hooks
-from .engine import FAILURE_EXCEPTION, FAILURE_KINDS, Accumulation, advance, peer_failure_message, state_seed
+from .engine import Accumulation, Settled, Sum, advance, state_seed
 
-_SUMS = 6  # the buffer's slots after the gradients: the 5 sums and |B_r|,
-_TAIL = _SUMS + 3  # then the three agreement slots (Agreement)
-_GRAFT_NORM_SUM = 3  # the sum slot Σ_j ‖g_j‖, which also carries this rank's non-finite flag
+_SUMS = len(Sum) + 1  # the buffer's slots after the gradients: the sums (engine.Sum) and |B_r|,
+_AGREEMENT_SLOTS = 3  # then the three agreement slots (Agreement), then one usage flag per parameter
+_TAIL = _SUMS + _AGREEMENT_SLOTS
+_NONFINITE_FLAG_SUM = Sum.MICRO_GRAD_NORM  # the sum slot that also carries this rank's non-finite flag
 _MAX_RESIDUES = 16
+
+# Why a rank failed before a distributed step's all-reduce (the code it sends in its poisoned buffer).
+FAILURE_SHARD = 1
+FAILURE_EXCEPTION = 2
+FAILURE_CALL = 3
+FAILURE_KINDS = {
+    FAILURE_SHARD: "its shard of the batch is malformed or empty",
+    FAILURE_EXCEPTION: "it raised an exception before the all-reduce (in its loss_fn or micro-batch loop)",
+    FAILURE_CALL: "its step() call was malformed (no batch or no loss function, or arguments that do not fit)",
+}
+
+
+def peer_failure_message(failed: int, rank_sum: int, kind_sum: int) -> str:
+    """What the ranks that did not fail say about the ``failed`` ranks that did (counts from the all-reduce)."""
+    if failed == 1:
+        who, why = f"another rank (rank {rank_sum})", FAILURE_KINDS.get(kind_sum, f"failure code {kind_sum}")
+    else:
+        kinds = [text for code, text in FAILURE_KINDS.items() if kind_sum == failed * code]
+        who, why = f"{failed} other ranks", kinds[0] if kinds else "; ".join(FAILURE_KINDS.values())
+    return (f"{who} failed before the step's all-reduce: {why}. That rank raised its own error; "
+            "the step was not taken on any rank")
 
 DDP_FORWARD_MESSAGE = (
     "loss_fn called a DistributedDataParallel module inside a regopt step. regopt all-reduces "
@@ -185,7 +207,7 @@ class Agreement:
     """The buffer's three agreement slots in a group of R ranks: what each rank sends, and what the sums say.
 
     Rank r sends, with f_r = 1 when it failed before the all-reduce (kind κ_r, a
-    :data:`regopt.engine.FAILURE_KINDS` code), h_r = 1 when its step got a trainer's hook, and c_r its
+    :data:`FAILURE_KINDS` code), h_r = 1 when its step got a trainer's hook, and c_r its
     count of step calls under a process group,
 
         a₀ = f_r + (R+1)·h_r,    a₁ = f_r·(global rank of r),    a₂ = f_r·κ_r + K·d(c_r),   K = 3R + 1,
@@ -247,7 +269,7 @@ def _sums_with_nonfinite_flag(acc: Accumulation, dtype: torch.dtype) -> Tensor:
     """``acc.sums`` in ``dtype``, Σ_j ‖g_j‖ made NaN when any of this rank's terms (L_j, R_j, ‖g_j‖², ‖∇R_j‖²)
     is not finite: ‖∇R_j‖² reaches no other sum, and the ranks decide from reduced values only (no sync here)."""
     sums = acc.sums.to(dtype, copy=True)
-    sums[_GRAFT_NORM_SUM] += torch.where(acc.terms.isfinite().all(), 0.0, math.nan)
+    sums[_NONFINITE_FLAG_SUM] += torch.where(acc.terms.isfinite().all(), 0.0, math.nan)
     return sums
 
 
@@ -273,14 +295,16 @@ def all_reduce_accumulation(acc: Accumulation, local_size: int, group: dist.Proc
     dist.all_reduce(flat, group=group)
     numel = flat.numel() - tail.numel()
     reduced_sums = flat[numel:numel + _SUMS].clone()
-    counts = torch.cat([reduced_sums[4:5], flat[numel + _SUMS:numel + _TAIL]])  # Σ k_r, then the agreement
+    k = Sum.MICRO_BATCHES
+    counts = torch.cat([reduced_sums[k:k + 1], flat[numel + _SUMS:numel + _TAIL]])  # Σ k_r, then the agreement
     used_count = flat[numel + _TAIL:].clone()
     total = reduced_sums[-1]  # |B|
     flat[:numel].div_(total)
     reduced = flat[:numel].split([t.numel() for t in pieces])
     torch._foreach_copy_(pieces, [v.view_as(t) for v, t in zip(reduced, pieces)])
     # Σ|M|L, Σ|M|R and Σ|M|‖g‖² become weighted by w_j = |M_j|/|B|; Σ_j ‖g_j‖ and k stay plain sums.
-    weighted = torch.cat([reduced_sums[:3] / total, reduced_sums[3:5]]).to(acc.sums.dtype)
+    plain = Sum.MICRO_GRAD_NORM
+    weighted = torch.cat([reduced_sums[:plain] / total, reduced_sums[plain:len(Sum)]]).to(acc.sums.dtype)
     return acc.reduced(acc.grad, acc.penalty_grad, weighted, used_count, counts)
 
 
@@ -290,7 +314,7 @@ def join_failed_step(params: Sequence[Tensor], penalized: bool, group: dist.Proc
 
     The buffer has the layout of :func:`all_reduce_accumulation`'s: NaN gradients and sums, and
     the agreement slots of a rank that failed (:class:`Agreement`: its global rank, ``kind``, a
-    :data:`regopt.engine.FAILURE_KINDS` code, and ``calls``), so that the other ranks raise
+    :data:`FAILURE_KINDS` code, and ``calls``), so that the other ranks raise
     FloatingPointError naming this rank and why it failed (:func:`check_agreement`) instead of waiting
     for it until the process group's timeout; this rank re-raises its own exception.
     """
@@ -299,7 +323,7 @@ def join_failed_step(params: Sequence[Tensor], penalized: bool, group: dist.Proc
     agreement = Agreement.of(group, dtype).send(calls, kind=kind)
     failure = torch.tensor(agreement, dtype=dtype).to(device, non_blocking=True)
     flat = torch.cat([torch.full((grads + _SUMS,), float("nan"), dtype=dtype, device=device), failure,
-                      torch.zeros(len(params), dtype=dtype, device=device)])  # 5 sums and |B_r|, agreement, used
+                      torch.zeros(len(params), dtype=dtype, device=device)])  # sums and |B_r|, agreement, used
     dist.all_reduce(flat, group=group)
 
 
@@ -331,6 +355,50 @@ def out_of_step_message(agreement: Agreement, a2: int, calls: int) -> str:
             f"at these calls modulo {m}: {standing}. A rank called step() more or fewer times than the others "
             "(its loop ran another number of iterations, a step raised on it alone, or its all-reduce timed "
             "out), so this step would combine different iterations: it was not taken on any rank")
+
+
+class StepGuard:
+    """One step's part in the distributed failure protocol (all of it a no-op without a process group).
+
+    Until the step's all-reduce, a rank that fails joins it with a poisoned buffer naming why
+    (:data:`FAILURE_KINDS`: a malformed shard while splitting, an exception after it), so that the others
+    raise instead of waiting (:func:`join_failed_step`); after it, every rank reads the same sums and
+    decides alike (:func:`check_agreement`).
+    """
+
+    def __init__(self, group: dist.ProcessGroup | None, params: Sequence[Tensor], penalty_grad_apart: bool,
+                 calls: int) -> None:
+        self.group, self.params, self.penalty_grad_apart, self.calls = group, params, penalty_grad_apart, calls
+        self.failure = FAILURE_SHARD
+        self.reduced = False
+
+    def split_done(self) -> None:
+        """From now on a failure is an exception in the loss function or the micro-batch loop."""
+        self.failure = FAILURE_EXCEPTION
+
+    def reduce(self, acc: Accumulation, local_size: int, hook: bool) -> Accumulation:
+        """The step's one all-reduce (:func:`all_reduce_accumulation`); ``acc`` itself on one process."""
+        if self.group is None:
+            return acc
+        self.reduced = True
+        return all_reduce_accumulation(acc, local_size, self.group, self.calls, hook)
+
+    def hooks_present(self, settled: Settled, acc: Accumulation, hook: bool) -> bool:
+        """Whether the step calls a trainer's hook: this rank's ``hook``, or any rank's (:func:`check_agreement`,
+        which raises on every rank alike when a rank failed or the ranks are out of step)."""
+        if self.group is None:
+            return hook
+        return check_agreement(settled.agreement, self.group, acc.counts.dtype, self.calls, hook)
+
+    def join_if_failed_early(self) -> None:
+        """After a failure before the all-reduce, join it poisoned; after it (or alone), nothing to do."""
+        if self.group is not None and not self.reduced:
+            join_failed_step(self.params, self.penalty_grad_apart, self.group, self.failure, self.calls)
+
+    def join_refused_call(self) -> None:
+        """After a malformed step call (before anything else), join the all-reduce poisoned."""
+        self.failure = FAILURE_CALL
+        self.join_if_failed_early()
 
 
 def agree_on_hook(raised: bool, params: Sequence[Tensor], group: dist.ProcessGroup) -> tuple[int, int]:

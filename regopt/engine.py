@@ -28,6 +28,7 @@ import hashlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from enum import IntEnum
 
 import torch
 from torch import Tensor
@@ -38,16 +39,28 @@ from .penalties import Penalty
 from .transaction import frozen_buffers, global_rng_state, set_global_rng_state
 
 
+class Sum(IntEnum):
+    """The slots of ``Accumulation.sums``: one float tensor, so that the all-reduce carries them in one buffer."""
+
+    LOSS = 0  # Σ_j w_j L_j
+    PENALTY = 1  # Σ_j w_j R_j
+    MICRO_GRAD_SQ_NORM = 2  # Σ_j w_j ‖g_j‖²
+    MICRO_GRAD_NORM = 3  # Σ_j ‖g_j‖ (unweighted: grafting's mean_j ‖g_j‖ divides it by k)
+    MICRO_BATCHES = 4  # k
+
+
 @dataclass(frozen=True)
 class Accumulation:
     """Weighted sums over one step's micro-batches (this process's share, before any all-reduce).
 
     ``terms[j] = (L_j, R_j, ‖g_j‖², ‖∇R_j‖²)`` per micro-batch, kept for the finiteness check;
-    ``sums = (Σ w L, Σ w R, Σ w ‖g‖², Σ_j ‖g_j‖, k)`` as one float tensor.
+    ``sums`` the :class:`Sum` slots as one float tensor.
     ``used[i]``: whether any micro-batch's graph reached parameter i (None: all of them);
     ``used_count`` replaces it after a distributed all-reduce: on how many ranks it was used;
     ``counts`` = (Σ_r k_r, then the agreement slots of :class:`regopt.distributed.Agreement`), also filled by
     the all-reduce, in its wire dtype (exact integers), read on the host by :func:`settle`.
+    ``penalty_added``: ``grad`` holds G ± λP and ``penalty_grad`` is None (a distributed step that
+    all-reduces them together).
     """
 
     grad: list[Tensor]
@@ -57,49 +70,28 @@ class Accumulation:
     used: list[bool] | None = None
     used_count: Tensor | None = None
     counts: Tensor | None = None
+    penalty_added: bool = False
 
     @property
     def loss(self) -> Tensor:
-        return self.sums[0]
+        return self.sums[Sum.LOSS]
 
     @property
     def penalty(self) -> Tensor:
-        return self.sums[1]
+        return self.sums[Sum.PENALTY]
 
     @property
     def micro_grad_sq_norm(self) -> Tensor:
-        return self.sums[2]
+        return self.sums[Sum.MICRO_GRAD_SQ_NORM]
 
     @property
     def mean_micro_grad_norm(self) -> Tensor:
         """mean_j ‖g_j‖, the small-batch step length s of iterative grafting."""
-        return self.sums[3] / self.sums[4]
+        return self.sums[Sum.MICRO_GRAD_NORM] / self.sums[Sum.MICRO_BATCHES]
 
     def reduced(self, grad: list[Tensor], penalty_grad: list[Tensor] | None, sums: Tensor,
                 used_count: Tensor | None = None, counts: Tensor | None = None) -> "Accumulation":
         return replace(self, grad=grad, penalty_grad=penalty_grad, sums=sums, used_count=used_count, counts=counts)
-
-
-# Why a rank failed before a distributed step's all-reduce (the code it sends in its poisoned buffer).
-FAILURE_SHARD = 1
-FAILURE_EXCEPTION = 2
-FAILURE_CALL = 3
-FAILURE_KINDS = {
-    FAILURE_SHARD: "its shard of the batch is malformed or empty",
-    FAILURE_EXCEPTION: "it raised an exception before the all-reduce (in its loss_fn or micro-batch loop)",
-    FAILURE_CALL: "its step() call was malformed (no batch or no loss function, or arguments that do not fit)",
-}
-
-
-def peer_failure_message(failed: int, rank_sum: int, kind_sum: int) -> str:
-    """What the ranks that did not fail say about the ``failed`` ranks that did (counts from the all-reduce)."""
-    if failed == 1:
-        who, why = f"another rank (rank {rank_sum})", FAILURE_KINDS.get(kind_sum, f"failure code {kind_sum}")
-    else:
-        kinds = [text for code, text in FAILURE_KINDS.items() if kind_sum == failed * code]
-        who, why = f"{failed} other ranks", kinds[0] if kinds else "; ".join(FAILURE_KINDS.values())
-    return (f"{who} failed before the step's all-reduce: {why}. That rank raised its own error; "
-            "the step was not taken on any rank")
 
 
 def weighted_add(total: list[Tensor] | None, term: list[Tensor], weight: float) -> list[Tensor]:
@@ -124,6 +116,7 @@ class StepSetup:
     closure_autocast: AutocastState | None = None
     loss_scale: float = 1.0
     sparse_grads: bool = False  # whether g_j may be sparse (no penalty, no grafting, one process)
+    penalty_micro_batches: int | None = None  # m: the penalty on m sampled micro-batches (module docstring)
 
     @property
     def device(self) -> torch.device:
@@ -242,32 +235,19 @@ def _penalized_subset(penalty: Penalty | None, penalty_micro_batches: int | None
     return sample_penalty_subset(count, penalty_micro_batches, generator)
 
 
-def accumulate(
-    closure: Callable[..., object],
-    micro_batches: Sequence[MicroBatch],
-    params: Sequence[Tensor],
-    penalty: Penalty | None = None,
-    method: str = "exact",
-    generator: torch.Generator | None = None,
-    fd_eps: float = 1e-2,
-    closure_autocast: AutocastState | None = None,
-    loss_scale: float = 1.0,
-    penalty_micro_batches: int | None = None,
-    sparse_grads: bool = False,
-) -> Accumulation:
+def accumulate(setup: StepSetup, micro_batches: Sequence[MicroBatch]) -> Accumulation:
     """Run the closure on each micro-batch and sum the weighted gradients and statistics.
 
-    ``closure_autocast`` is the autocast state to run the closure under (the caller runs
+    ``setup.closure_autocast`` is the autocast state to run the closure under (the caller runs
     everything else with autocast off, so that norms and penalties stay in full precision);
-    every backward runs on ``loss_scale`` times its scalar and is unscaled at once (float16).
+    every backward runs on ``setup.loss_scale`` times its scalar and is unscaled at once (float16).
     A parameter counts as used when any micro-batch's graph reaches it (a Python-side flag
-    merged over micro-batches: no host sync).
-    ``penalty_micro_batches`` m < k: the penalty on m sampled micro-batches, weighted by k/m (module docstring).
-    ``sparse_grads``: sparse g_j (nn.Embedding(sparse=True)) are summed as they are instead of refused.
+    merged over micro-batches: no host sync). ``setup.penalty_micro_batches`` m < k: the penalty on m
+    sampled micro-batches, weighted by k/m (module docstring). ``setup.sparse_grads``: sparse g_j
+    (nn.Embedding(sparse=True)) are summed as they are instead of refused.
     """
-    setup = StepSetup(closure, len(micro_batches), params, penalty, method, generator, fd_eps, closure_autocast,
-                      loss_scale, sparse_grads)
-    sampled = _penalized_subset(penalty, penalty_micro_batches, len(micro_batches), generator)
+    penalty, params = setup.penalty, setup.params
+    sampled = _penalized_subset(penalty, setup.penalty_micro_batches, len(micro_batches), setup.generator)
     scale = 1.0 if sampled is None else len(micro_batches) / len(sampled)  # k/m, 1/P(j ∈ S)
     grad_sum = penalty_grad_sum = None
     used = [False] * len(params)
@@ -291,7 +271,7 @@ def accumulate(
     weighted = weights @ terms[:, :3]
     if scale != 1.0:
         weighted[1].mul_(scale)  # Σ_{j∈S} (k/m) w_j R_j (the unsampled rows hold R_j = 0)
-    sums = torch.cat([weighted, terms[:, 2].sqrt().sum().unsqueeze(0), count])
+    sums = torch.cat([weighted, terms[:, 2].sqrt().sum().unsqueeze(0), count])  # in Sum's order
     return Accumulation(grad_sum, penalty_grad_sum, terms, sums, used)
 
 

@@ -16,8 +16,8 @@ import torch
 from torch import Tensor
 
 from . import hvp
-from .engine import Accumulation
 from .optimizers import _BASE_ARGS, _OPTIMIZER_ARGS, _STEP, MicroBatch
+from .transforms import Graft
 
 Norms = Sequence[float] | Callable[[int], float]
 MODES = ("iterative", "external", "normalized")
@@ -73,23 +73,10 @@ class Grafted(MicroBatch):
                          skip_nonfinite=skip_nonfinite, loss_scale=loss_scale, process_group=process_group)
         self.mode = mode
         self.norms = _schedule(norms) if mode == "external" else None
+        self._transforms = (Graft(self),)
 
     def _settings_repr(self) -> str:
         return f"{super()._settings_repr()}, mode={self.mode!r}"
-
-    def _prepare_step(self, params: list[Tensor], closure_autocast: tuple[str, torch.dtype, bool]) -> None:
-        # Read norms[t] before any work, so that a schedule that ran out changes nothing.
-        self._external_length = self._recorded_length() if self.mode == "external" else None
-
-    def _sparse_grads_allowed(self, group: Any) -> bool:
-        return False  # s · G/‖G‖ rescales G by a tensor, which sparse gradients do not take in place
-
-    def _step_length(self, acc: Accumulation) -> Tensor | float:
-        if self.mode == "iterative":
-            return acc.mean_micro_grad_norm
-        if self.mode == "normalized":
-            return 1.0
-        return self._external_length
 
     def _recorded_length(self) -> float:
         """s = norms[t] (or norms(t)) for the coming step t, checked."""
@@ -104,12 +91,6 @@ class Grafted(MicroBatch):
         if not math.isfinite(length) or length < 0:
             raise ValueError(f"Invalid norms[{t}]: {length} (expected a finite number >= 0)")
         return length
-
-    def _applied_gradient(self, acc: Accumulation, grad_norm: Tensor, params: list[Tensor]) -> list[Tensor]:
-        """s · G/‖G‖, and 0 where ‖G‖ = 0."""
-        scale = torch.where(grad_norm > 0, self._step_length(acc) / grad_norm, torch.zeros_like(grad_norm))
-        torch._foreach_mul_(acc.grad, scale)
-        return acc.grad
 
 
 class GradNormRecorder:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from collections.abc import Callable
 from typing import Any
 
@@ -23,29 +23,20 @@ from torch import Tensor
 
 from . import distributed, engine, hvp, penalties
 from .base_optimizer import RegoptOptimizer
-from .batching import Batch, autocast_state, check_micro_batch_size, split_batch
-from .closures import check_trainer_accumulation, step_arguments
-from .engine import Accumulation, accumulate, settle
+from .batching import AutocastState, Batch, MicroBatch, autocast_state, check_micro_batch_size, split_batch
+from .closures import StepArguments, check_trainer_accumulation, step_arguments
+from .engine import Accumulation, Settled, StepSetup, accumulate, settle
 from .penalties import Penalty
 from .settings import (Checked, check_fd_eps, check_loss_scale, check_max_grad_norm, check_method, check_penalty,
                        check_penalty_micro_batches)
 from .stats import StepStats
-from .transaction import StepTransaction
+from .transaction import CLOSURE_CALLED_BACKWARD, StepTransaction
+from .transforms import AddPenalty
 
 _STATE_KEY = "regopt"  # optimizer.state entry for what is not per parameter: step count, loss scale, generator
 _INITIAL_DYNAMIC_SCALE = 2.0**16
 _DYNAMIC_SCALE_GROWTH_INTERVAL = 2000
 _DEFAULT_GROUP = "default"
-CLOSURE_CALLED_BACKWARD = (
-    "loss_fn wrote .grad (it called backward()): regopt's loss_fn must return the mean loss over its "
-    "micro-batch (or (loss, logits)) and must not call backward() or zero_grad(); regopt differentiates it "
-    "itself, once per micro-batch. For example:\n"
-    "    def loss_fn(x, y): return F.cross_entropy(model(x), y)\n"
-    "    optimizer.step(loss_fn, (x, y))\n"
-    "The step was not taken, and .grad is as it was before it."
-)
-
-
 def private_generator(device: torch.device) -> torch.Generator:
     """A generator on ``device`` seeded by a hash of ``torch.initial_seed()``: ``torch.manual_seed(s)`` before
     construction fixes its draws, without drawing from (or correlating with) the global RNG's stream."""
@@ -97,6 +88,15 @@ _STEP = """\
     nothing. See docs/usage.md."""
 
 
+@dataclass(frozen=True)
+class Verdict:
+    """What the step's check stage decided."""
+
+    grad_norm: Tensor  # ‖G‖ (‖G ± λP‖ when the all-reduce carried them together)
+    settled: Settled  # finite or not, which parameters are updated, Σk (engine.settle)
+    hooks: bool  # whether a trainer's hook is called (on any rank)
+
+
 def check_optimizer_options(max_grad_norm: Any, loss_scale: Any) -> None:
     """The options every regopt optimizer takes, checked before anything is built."""
     check_max_grad_norm(max_grad_norm)
@@ -120,6 +120,7 @@ class MicroBatch(RegoptOptimizer):
     """
 
     _penalty: Penalty | None = None
+    _transforms: tuple = ()  # what turns G into the applied gradient, in order (regopt.transforms)
     _distributed_calls = 0  # step calls under a process group: the ranks compare them (distributed.Agreement)
     generator: torch.Generator | None = None  # the penalized optimizers' random draws (none here)
     _private_generator: torch.Generator | None = None  # theirs when generator is None
@@ -137,9 +138,6 @@ class MicroBatch(RegoptOptimizer):
         self.skip_nonfinite = bool(skip_nonfinite)
         self.loss_scale = loss_scale
         self.process_group = process_group
-        self.method = "exact"
-        self.fd_eps = 1e-2
-        self.penalty_micro_batches: int | None = None
         self.stats: StepStats | None = None
 
     def _settings_repr(self) -> str:
@@ -206,8 +204,8 @@ class MicroBatch(RegoptOptimizer):
         extra = dict(self._extra_state)
         generator_state = extra.pop("generator_state", None)
         source = self._draw_source()
-        if generator_state is not None and source is not None:
-            source.set_state(generator_state)
+        if generator_state is not None and source is not None:  # a CPU ByteTensor, also for a CUDA generator
+            source.set_state(generator_state.cpu())  # (a trainer may have moved the loaded state to the device)
         self.state[_STATE_KEY] = extra
 
     def __getstate__(self) -> dict[str, Any]:
@@ -262,71 +260,83 @@ class MicroBatch(RegoptOptimizer):
         with torch.enable_grad(), torch.autocast(device.type, enabled=False):
             return self._step(arguments, params, group, transaction, closure_autocast)
 
-    def _step(self, arguments, params, group, transaction, closure_autocast) -> Tensor:
-        closure, batch = arguments.loss_fn, arguments.batch
-        reduced = False  # whether this rank has taken part in the step's all-reduce
-        failure = engine.FAILURE_SHARD  # what this rank tells the others if it fails before the all-reduce
-        try:
+    def _step(self, arguments: StepArguments, params: list[Tensor], group: Any, transaction: StepTransaction,
+              closure_autocast: AutocastState) -> Tensor:
+        """split → accumulate → reduce (the one all-reduce) → check (the one host sync) → commit: transform,
+        write .grad, the trainer's hook, clip and the base's update. Until the check passes, a failure rolls
+        the step back (``transaction``) and tells the other ranks (``guard``)."""
+        guard = distributed.StepGuard(group, params, self._wire_penalty_grad(), self._distributed_calls)
+        with transaction.rolled_back_on_failure(guard.join_if_failed_early):
             # Distributed steps weight by |M_j| here and divide by the global size after the all-reduce.
-            micro_batches = split_batch(batch, self.micro_batch_size, total_size=1 if group is not None else None)
-            failure = engine.FAILURE_EXCEPTION
-            self._prepare_step(params, closure_autocast)
-            generator = self._draw_generator(group)
-            # the closure must call ddp_model.module, not ddp_model; every buffer a forward touches is recorded
-            with distributed.ddp_forward_guard(), transaction.buffers.recording(), \
-                    hvp.naming_modules(transaction.buffers.modules):
-                acc = accumulate(closure, micro_batches, params, self._penalty, self.method, generator,
-                                 self.fd_eps, closure_autocast, self.current_loss_scale,
-                                 self.penalty_micro_batches, sparse_grads=self._sparse_grads_allowed(group))
-            if transaction.grads_were_written():
-                raise TypeError(CLOSURE_CALLED_BACKWARD)
-            combined = group is not None and self._penalty is not None and not self._wire_penalty_grad()
-            if combined:  # G ± λP travels alone: ‖G‖ is not measured (see _Penalized's exact_grad_norm)
-                acc = replace(acc, grad=self._add_penalty(acc.grad, acc.penalty_grad, params), penalty_grad=None)
-            if group is not None:
-                reduced = True
-                acc = distributed.all_reduce_accumulation(acc, micro_batches[-1].stop, group, self._distributed_calls,
-                                                          hook=arguments.hook is not None)
-            grad_norm = hvp.squared_norm(acc.grad).sqrt()
-            norm_name = "applied gradient norm ‖G ± λP‖" if combined else "large-batch gradient norm ‖G‖"
-            settled = settle(acc, micro_batches, **{norm_name: grad_norm})
-            problem, used = settled.problem, settled.used
-            hooks = arguments.hook is not None if group is None else distributed.check_agreement(
-                settled.agreement, group, acc.counts.dtype, self._distributed_calls, arguments.hook is not None)
-            if problem is not None and not (self.skip_nonfinite or self.loss_scale is not None):
-                raise FloatingPointError(f"{problem}; the step was not taken")
-        except BaseException as error:
-            called_backward = transaction.grads_were_written()
-            transaction.rollback()  # a failed step changes nothing
-            if group is not None and not reduced:  # don't leave the other ranks waiting in the all-reduce
-                distributed.join_failed_step(params, self._wire_penalty_grad(), group, failure, self._distributed_calls)
-            if called_backward and isinstance(error, Exception) and not isinstance(error, TypeError):
-                raise TypeError(CLOSURE_CALLED_BACKWARD) from error
-            raise
+            micro_batches = split_batch(arguments.batch, self.micro_batch_size,
+                                        total_size=1 if group is not None else None)
+            guard.split_done()
+            acc = self._accumulate(arguments.loss_fn, micro_batches, params, group, transaction, closure_autocast)
+            acc = guard.reduce(acc, micro_batches[-1].stop, hook=arguments.hook is not None)
+            verdict = self._check(acc, micro_batches, guard, hook=arguments.hook is not None)
+        self._commit(acc, verdict, params, transaction, arguments.hook, group)
+        return acc.loss
+
+    def _accumulate(self, loss_fn: Callable[..., Any], micro_batches: list[MicroBatch], params: list[Tensor],
+                    group: Any, transaction: StepTransaction, closure_autocast: AutocastState) -> Accumulation:
+        """G (and P) and the step's sums over this process's micro-batches; G ± λP when P does not travel apart."""
+        for transform in self._transforms:
+            transform.prepare()
+        setup = StepSetup(loss_fn, len(micro_batches), params, closure_autocast=closure_autocast,
+                          loss_scale=self.current_loss_scale, sparse_grads=self._sparse_grads_allowed(group),
+                          **self._penalty_setup(params, group, closure_autocast))
+        # the closure must call ddp_model.module, not ddp_model; every buffer a forward touches is recorded
+        with distributed.ddp_forward_guard(), transaction.buffers.recording(), \
+                hvp.naming_modules(transaction.buffers.modules):
+            acc = accumulate(setup, micro_batches)
+        if transaction.grads_were_written():
+            raise TypeError(CLOSURE_CALLED_BACKWARD)
+        if group is not None and acc.penalty_grad is not None and not self._wire_penalty_grad():
+            # G ± λP travels alone: ‖G‖ is not measured (see _Penalized's exact_grad_norm)
+            acc = replace(acc, grad=self._transforms[0].add(acc.grad, acc.penalty_grad, params), penalty_grad=None,
+                          penalty_added=True)
+        return acc
+
+    def _check(self, acc: Accumulation, micro_batches: list[MicroBatch], guard: distributed.StepGuard,
+               hook: bool) -> Verdict:
+        """The step's one host sync: whether every term is finite, which parameters it updates, and (distributed)
+        whether the ranks agree; raise on a non-finite term unless the step may be skipped."""
+        grad_norm = hvp.squared_norm(acc.grad).sqrt()
+        norm_name = "applied gradient norm ‖G ± λP‖" if acc.penalty_added else "large-batch gradient norm ‖G‖"
+        settled = settle(acc, micro_batches, **{norm_name: grad_norm})
+        hooks = guard.hooks_present(settled, acc, hook)
+        if settled.problem is not None and not (self.skip_nonfinite or self.loss_scale is not None):
+            raise FloatingPointError(f"{settled.problem}; the step was not taken")
+        return Verdict(grad_norm, settled, hooks)
+
+    def _commit(self, acc: Accumulation, verdict: Verdict, params: list[Tensor], transaction: StepTransaction,
+                hook: Callable[[], Any] | None, group: Any) -> None:
+        """Write the applied gradient (or roll back a skipped step), record ``stats``, call a trainer's hook
+        (its failure rolls the step back), update the loss scale, take the update."""
+        skipped = verdict.settled.problem is not None
         stats = StepStats(
             loss=acc.loss,
             penalty=acc.penalty,
             micro_grad_sq_norm=acc.micro_grad_sq_norm,
-            grad_norm=torch.full_like(grad_norm, math.nan) if combined else grad_norm,
-            num_micro_batches=settled.num_micro_batches,
-            skipped=problem is not None,
+            grad_norm=torch.full_like(verdict.grad_norm, math.nan) if acc.penalty_added else verdict.grad_norm,
+            num_micro_batches=verdict.settled.num_micro_batches,
+            skipped=skipped,
         )
-        if problem is not None:  # skip_nonfinite or loss scaling: like a step never taken
+        if skipped:  # skip_nonfinite or loss scaling: like a step never taken
             transaction.rollback()
         else:
-            self._write_grads(params, self._applied_gradient(acc, grad_norm, params), used)
+            self._write_grads(params, self._applied_gradient(acc, verdict.grad_norm, params), verdict.settled.used)
         previous_stats, self.stats = self.stats, stats
-        if hooks:  # a trainer's closure: sees .grad and stats as the update will
+        if verdict.hooks:  # a trainer's closure: sees .grad and stats as the update will
             try:
-                self._call_hook(arguments.hook, group, params)
+                self._call_hook(hook, group, params)
             except BaseException:
                 transaction.rollback()
                 self.stats = previous_stats
                 raise
-        self._update_loss_scale(found_nonfinite=problem is not None)
-        if problem is None:
+        self._update_loss_scale(found_nonfinite=skipped)
+        if not skipped:
             self._update(params)
-        return acc.loss
 
     def _call_hook(self, hook: Callable[[], Any] | None, group: Any, params: list[Tensor]) -> None:
         """Call a trainer's closure, if this step got one. Under a process group every rank then learns whether
@@ -354,8 +364,7 @@ class MicroBatch(RegoptOptimizer):
             params = self._trainable_params()
         except (TypeError, ValueError):
             return
-        distributed.join_failed_step(params, self._wire_penalty_grad(), group, engine.FAILURE_CALL,
-                                     self._distributed_calls)
+        distributed.StepGuard(group, params, self._wire_penalty_grad(), self._distributed_calls).join_refused_call()
 
     def _write_grads(self, params: list[Tensor], applied: list[Tensor], used: list[bool]) -> None:
         """Write ``.grad``: the applied gradient, None for an unused parameter (the base then skips it)."""
@@ -375,8 +384,9 @@ class MicroBatch(RegoptOptimizer):
         torch.clear_autocast_cache()  # its low-precision copies of the parameters are stale now
         self._update_state(step=self.step_count + 1)
 
-    def _prepare_step(self, params: list[Tensor], closure_autocast: tuple[str, torch.dtype, bool]) -> None:
-        """Check, before any work, what the step will need besides its batch (nothing here)."""
+    def _penalty_setup(self, params: list[Tensor], group: Any, closure_autocast: AutocastState) -> dict[str, Any]:
+        """The penalty's part of the step's :class:`~regopt.engine.StepSetup` (none here), checked before any work."""
+        return {}
 
     def _draw_source(self, device: torch.device | None = None) -> torch.Generator | None:
         """The generator the penalties draw from: ``generator``, else the optimizer's own (None: no draws).
@@ -389,15 +399,11 @@ class MicroBatch(RegoptOptimizer):
             own = self._private_generator = torch.Generator(device).manual_seed(engine.state_seed(own.get_state()))
         return own
 
-    def _draw_generator(self, group: Any) -> torch.Generator | None:
-        """The generator this step's random draws come from: :meth:`_draw_source` here (see _Penalized)."""
-        return self._draw_source()
-
     def _sparse_grads_allowed(self, group: Any) -> bool:
-        """Whether G may be sparse, as torch.optim.SGD takes a sparse .grad: around SGD, with no penalty, on one
-        process (the all-reduce packs one dense buffer), without weight decay (SGD cannot add it to a sparse
-        gradient)."""
-        return (isinstance(self.base, torch.optim.SGD) and self._penalty is None and group is None
+        """Whether G may be sparse, as torch.optim.SGD takes a sparse .grad: around SGD, when nothing transforms
+        it (no penalty, no grafting), on one process (the all-reduce packs one dense buffer), without weight
+        decay (SGD cannot add it to a sparse gradient)."""
+        return (isinstance(self.base, torch.optim.SGD) and not self._transforms and group is None
                 and all(g["weight_decay"] == 0 for g in self.param_groups))
 
     def _wire_penalty_grad(self) -> bool:
@@ -405,8 +411,11 @@ class MicroBatch(RegoptOptimizer):
         return self._penalty is not None
 
     def _applied_gradient(self, acc: Accumulation, grad_norm: Tensor, params: list[Tensor]) -> list[Tensor]:
-        """The gradient handed to the base's update: G here."""
-        return acc.grad
+        """The gradient handed to the base's update: G through the optimizer's transforms, in order."""
+        grad = acc.grad
+        for transform in self._transforms:
+            grad = transform(grad, acc, grad_norm, params)
+        return grad
 
     def _maximizing(self, params: list[Tensor]) -> list[bool]:
         """Per parameter of ``params``: whether its group has ``maximize=True``."""
@@ -496,6 +505,7 @@ class _Penalized(MicroBatch):
         self.penalty_micro_batches = penalty_micro_batches
         self.rank_independent_draws = bool(rank_independent_draws)
         self.exact_grad_norm = bool(exact_grad_norm)
+        self._transforms = (AddPenalty(self),)
         self._param_norm: float | None = None  # ‖θ‖ when first measured, the scale fd_eps is checked against
         self._param_norm_measured = False
         if method == "finite_difference":
@@ -504,9 +514,12 @@ class _Penalized(MicroBatch):
     def _settings_repr(self) -> str:
         return f"{super()._settings_repr()}, penalty={self.penalty}, method={self.method!r}"
 
-    def _prepare_step(self, params: list[Tensor], closure_autocast: tuple[str, torch.dtype, bool]) -> None:
+    def _penalty_setup(self, params: list[Tensor], group: Any, closure_autocast: AutocastState) -> dict[str, Any]:
+        """The penalty, how to differentiate it, its draws' generator and subsampling; fd_eps checked first."""
         if self.method == "finite_difference":
-            self._check_fd_eps(params, closure_autocast[1] if closure_autocast[2] else None)
+            self._check_fd_eps(params, closure_autocast.dtype if closure_autocast.enabled else None)
+        return {"penalty": self._penalty, "method": self.method, "generator": self._draw_generator(group),
+                "fd_eps": self.fd_eps, "penalty_micro_batches": self.penalty_micro_batches}
 
     def _draw_generator(self, group: Any) -> torch.Generator | None:
         """A per-rank stream (distributed step, ``rank_independent_draws``), else :meth:`_draw_source`."""
@@ -528,24 +541,6 @@ class _Penalized(MicroBatch):
 
     def _wire_penalty_grad(self) -> bool:
         return self.exact_grad_norm
-
-    def _applied_gradient(self, acc: Accumulation, grad_norm: Tensor, params: list[Tensor]) -> list[Tensor]:
-        """G + λP, with P = Σ_j w_j ∇R_j (already added when P did not travel apart: ``acc.penalty_grad`` None)."""
-        return acc.grad if acc.penalty_grad is None else self._add_penalty(acc.grad, acc.penalty_grad, params)
-
-    def _add_penalty(self, grad: list[Tensor], penalty_grad: list[Tensor], params: list[Tensor]) -> list[Tensor]:
-        """``grad`` += λ ``penalty_grad`` in place; −λ where the group maximizes (ascends L, still minimizes R)."""
-        ascending = self._maximizing(params)
-        if not any(ascending):
-            torch._foreach_add_(grad, penalty_grad, alpha=self.penalty)
-        elif all(ascending):
-            torch._foreach_add_(grad, penalty_grad, alpha=-self.penalty)
-        else:
-            for sign in (1.0, -1.0):
-                chosen = [i for i, up in enumerate(ascending) if up == (sign < 0)]
-                torch._foreach_add_([grad[i] for i in chosen], [penalty_grad[i] for i in chosen],
-                                    alpha=sign * self.penalty)
-        return grad
 
 
 class GradNorm(_Penalized):

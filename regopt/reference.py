@@ -1,7 +1,8 @@
 """The literal, slow, obviously-correct step: the specification that the fast paths are tested against.
 
-This is the paper's loop written out, on top of a plain ``torch.optim.SGD``. It
-depends on torch only and shares no code with the rest of regopt on purpose.
+This is the paper's loop written out, on top of a plain ``torch.optim.SGD`` (or any torch.optim
+optimizer, whose ``step()`` then takes the update). It depends on torch only and shares no code
+with the rest of regopt on purpose.
 For each micro-batch M_j (consecutive slices of ``micro_batch_size``, w_j = |M_j|/|B|)::
 
     L_j, logits = closure(M_j)                      # one forward pass
@@ -82,73 +83,79 @@ def _penalty_scalar(regularizer, loss, logits, draw):
 
 def step(sgd, closure, batch, *, micro_batch_size, regularizer="none", penalty=0.0, generator=None,
          graft=None, graft_norm=None, penalty_micro_batches=None):
-    """One step of ``sgd`` (a torch.optim.SGD) on ``batch``; returns ReferenceStats.
+    """One step of ``sgd`` (a torch.optim.SGD, or any torch.optim optimizer: its ``step()`` is the update) on
+    ``batch``; returns ReferenceStats.
 
     ``regularizer`` is one of REGULARIZERS; ``graft`` is None, "iterative", "external" (with
     ``graft_norm`` = s) or "normalized"; ``penalty_micro_batches`` is m or None (see the module docstring).
     """
     assert regularizer in REGULARIZERS
     params = [p for group in sgd.param_groups for p in group["params"] if p.requires_grad]
-    maximizing = [p for group in sgd.param_groups if group["maximize"] for p in group["params"] if p.requires_grad]
+    maximizing = [p for group in sgd.param_groups if group.get("maximize") for p in group["params"] if p.requires_grad]
     sgd.zero_grad(set_to_none=True)
     size, micro_batches = _micro_batches(batch, micro_batch_size)
-    losses, penalties, grad_sq_norms, grad_norms = [], [], [], []
-    large_batch_grad = [torch.zeros_like(p) for p in params]  # G = Σ_j w_j g_j
     k = len(micro_batches)
     sampled, thinning = set(range(k)), 1.0
     if regularizer != "none" and penalty_micro_batches is not None and penalty_micro_batches < k:
         sampled = set(torch.randperm(k, generator=generator)[:penalty_micro_batches].tolist())
         thinning = k / penalty_micro_batches
+    large_batch_grad = [torch.zeros_like(p) for p in params]  # G = Σ_j w_j g_j
+    rows = []  # (w_j, L_j, R_j, ‖g_j‖²)
     for j, (args, kwargs) in enumerate(micro_batches):
-        n = (args[0] if args else next(iter(kwargs.values()))).shape[0]
-        w = n / size
+        w = (args[0] if args else next(iter(kwargs.values()))).shape[0] / size
+        weight = thinning * penalty if regularizer != "none" and j in sampled else None
         out = closure(*args, **kwargs)
-        loss, logits = out if isinstance(out, tuple) else (out, None)
-
-        g = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True, materialize_grads=True)
-        g_sq_norm = sum((gp.detach() ** 2).sum() for gp in g)
-        grad_sq_norms.append(float(g_sq_norm))
-        grad_norms.append(float(g_sq_norm) ** 0.5)
-        losses.append(float(loss.detach()))
-        for G_p, g_p in zip(large_batch_grad, g):
-            G_p += w * g_p.detach()
-
-        draw = _penalty_draw(regularizer, logits, generator)
-        if regularizer == "none" or j not in sampled:
-            penalties.append(0.0)
-            (w * loss).backward()
-            continue
-        s = _penalty_scalar(regularizer, loss, logits, draw)
-        v = torch.autograd.grad(s, params, create_graph=True, allow_unused=True, materialize_grads=True)
-        r = sum((vp ** 2).sum() for vp in v)
-        penalties.append(float(r.detach()))
-        if not maximizing:
-            (w * (loss + thinning * penalty * r)).backward()
-            continue
-        (w * loss).backward(retain_graph=True)
-        r_grads = torch.autograd.grad(r, params, allow_unused=True) if r.requires_grad else [None] * len(params)
-        for p, r_grad in zip(params, r_grads):
-            if r_grad is not None:
-                sign = -1.0 if any(p is q for q in maximizing) else 1.0
-                term = sign * thinning * penalty * w * r_grad
-                p.grad = term if p.grad is None else p.grad + term
-
-    weights = [(args[0] if args else next(iter(kwargs.values()))).shape[0] / size for args, kwargs in micro_batches]
+        rows.append((w, *_backward_micro_batch(out, w, params, maximizing, regularizer, weight, generator,
+                                               large_batch_grad)))
+    weights, losses, penalties, grad_sq_norms = (list(column) for column in zip(*rows))
     grad_norm = float(sum((G_p ** 2).sum() for G_p in large_batch_grad)) ** 0.5
     if graft is not None:
-        s = {"iterative": sum(grad_norms) / len(grad_norms), "external": graft_norm, "normalized": 1.0}[graft]
-        with torch.no_grad():
-            for p in params:
-                if p.grad is not None:
-                    p.grad = p.grad * (s / grad_norm) if grad_norm > 0 else torch.zeros_like(p)
+        lengths = {"iterative": sum(n ** 0.5 for n in grad_sq_norms) / k, "external": graft_norm, "normalized": 1.0}
+        _graft(params, lengths[graft], grad_norm)
     sgd.step()
     return ReferenceStats(
         loss=sum(w * x for w, x in zip(weights, losses)),
         penalty=thinning * sum(w * x for w, x in zip(weights, penalties)),  # R_j = 0 for j ∉ S
         micro_grad_sq_norm=sum(w * x for w, x in zip(weights, grad_sq_norms)),
         grad_norm=grad_norm,
-        num_micro_batches=len(micro_batches),
+        num_micro_batches=k,
         losses=losses,
         penalties=penalties,
         micro_grad_sq_norms=grad_sq_norms,
     )
+
+
+def _backward_micro_batch(out, w, params, maximizing, regularizer, weight, generator, large_batch_grad):
+    """Backpropagate w_j · (L_j ± weight · R_j) into ``.grad`` (w_j · L_j alone when ``weight`` is None) and add
+    w_j g_j to ``large_batch_grad``; returns (L_j, R_j, ‖g_j‖²)."""
+    loss, logits = out if isinstance(out, tuple) else (out, None)
+    g = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True, materialize_grads=True)
+    g_sq_norm = float(sum((gp.detach() ** 2).sum() for gp in g))
+    for G_p, g_p in zip(large_batch_grad, g):
+        G_p += w * g_p.detach()
+    draw = _penalty_draw(regularizer, logits, generator)  # made also when this micro-batch has no penalty
+    if weight is None:
+        (w * loss).backward()
+        return float(loss.detach()), 0.0, g_sq_norm
+    v = torch.autograd.grad(_penalty_scalar(regularizer, loss, logits, draw), params, create_graph=True,
+                            allow_unused=True, materialize_grads=True)
+    r = sum((vp ** 2).sum() for vp in v)
+    if not maximizing:
+        (w * (loss + weight * r)).backward()
+        return float(loss.detach()), float(r.detach()), g_sq_norm
+    (w * loss).backward(retain_graph=True)
+    r_grads = torch.autograd.grad(r, params, allow_unused=True) if r.requires_grad else [None] * len(params)
+    for p, r_grad in zip(params, r_grads):
+        if r_grad is not None:
+            sign = -1.0 if any(p is q for q in maximizing) else 1.0
+            term = sign * weight * w * r_grad
+            p.grad = term if p.grad is None else p.grad + term
+    return float(loss.detach()), float(r.detach()), g_sq_norm
+
+
+def _graft(params, length, grad_norm):
+    """``.grad`` ← s · .grad/‖G‖ (zero when ‖G‖ = 0), s = ``length``."""
+    with torch.no_grad():
+        for p in params:
+            if p.grad is not None:
+                p.grad = p.grad * (length / grad_norm) if grad_norm > 0 else torch.zeros_like(p)

@@ -72,16 +72,26 @@ def check_fd_eps(value: Any) -> float:
 
 class Checked:
     """An attribute whose every assignment goes through ``check`` (which returns the value to keep), so that
-    ``optimizer.penalty_micro_batches = 0`` after construction is refused with the constructor's message."""
+    ``optimizer.penalty_micro_batches = 0`` after construction is refused with the constructor's message.
+
+    A trainer's proxy whose class derives from the optimizer's (Lightning's ``LightningOptimizer``, which
+    holds the optimizer as ``_optimizer``) reads and writes the optimizer's own value, never a copy of its own.
+    """
 
     def __init__(self, check: Callable[[Any], Any]) -> None:
         self.check = check
 
     def __set_name__(self, owner: type, name: str) -> None:
-        self.slot = f"_{name}_value"
+        self.name, self.slot = name, f"_{name}_value"
 
     def __get__(self, optimizer: Any, owner: type | None = None) -> Any:
-        return self if optimizer is None else optimizer.__dict__[self.slot]
+        if optimizer is None:
+            return self
+        try:
+            return vars(optimizer)[self.slot]
+        except KeyError:  # a proxy: its __getattr__ forwards the read to the optimizer it wraps
+            raise AttributeError(self.name) from None
 
     def __set__(self, optimizer: Any, value: Any) -> None:
-        optimizer.__dict__[self.slot] = self.check(value)
+        target = vars(optimizer).get("_optimizer", optimizer) if self.slot not in vars(optimizer) else optimizer
+        vars(target)[self.slot] = self.check(value)

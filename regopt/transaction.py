@@ -19,13 +19,22 @@ activation checkpointing runs inside a backward).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
 
 from . import forward_hooks
+
+CLOSURE_CALLED_BACKWARD = (
+    "loss_fn wrote .grad (it called backward()): regopt's loss_fn must return the mean loss over its "
+    "micro-batch (or (loss, logits)) and must not call backward() or zero_grad(); regopt differentiates it "
+    "itself, once per micro-batch. For example:\n"
+    "    def loss_fn(x, y): return F.cross_entropy(model(x), y)\n"
+    "    optimizer.step(loss_fn, (x, y))\n"
+    "The step was not taken, and .grad is as it was before it."
+)
 
 
 class BufferRecord:
@@ -133,3 +142,19 @@ class StepTransaction:
         if self._generator is not None:
             self._generator.set_state(self._generator_state)
         set_global_rng_state(self._global_rng_state, self._device)
+
+    @contextmanager
+    def rolled_back_on_failure(self, *cleanups: Callable[[], None]) -> Iterator[None]:
+        """Roll the step back if the block raises, run ``cleanups`` (telling the other ranks), and re-raise;
+        an error that follows a closure's own ``backward()`` is raised as the TypeError that explains it."""
+        try:
+            yield
+        except BaseException as error:
+            called_backward = self.grads_were_written()
+            self.rollback()  # a failed step changes nothing
+            for cleanup in cleanups:
+                cleanup()
+            if called_backward and isinstance(error, Exception) and not isinstance(error, TypeError):
+                raise TypeError(CLOSURE_CALLED_BACKWARD) from error
+            raise
+

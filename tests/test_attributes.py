@@ -64,3 +64,19 @@ def test_a_valid_assignment_takes_effect():
     opt.micro_batch_size = 7
     opt.step(logits_closure(model), data_for(model, 7))
     assert opt.stats.num_micro_batches == 1
+
+
+def test_a_lightning_optimizer_proxy_reads_and_writes_the_optimizers_own_settings():
+    """LightningOptimizer's class derives from the optimizer's: a setting read or written through it is the
+    optimizer's (a write stored on the proxy alone would be silently ignored by the step)."""
+    LightningOptimizer = pytest.importorskip("lightning.pytorch.core.optimizer").LightningOptimizer
+    model = cnn(3)
+    opt = _optimizer(model)
+    proxy = LightningOptimizer(opt)
+    assert proxy.penalty == 0.3 and proxy.micro_batch_size == 3 and proxy.method == "exact"
+    proxy.penalty = 0.5
+    proxy.micro_batch_size = 4
+    assert opt.penalty == 0.5 and opt.micro_batch_size == 4
+    with pytest.raises(ValueError, match="Invalid penalty value: -1"):
+        proxy.penalty = -1
+    assert opt.penalty == 0.5

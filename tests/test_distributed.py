@@ -43,6 +43,7 @@ from torch import Tensor, nn
 
 import dist_support
 from dist_support import launch, report
+import regopt
 from regopt import FisherTraceSGD, GradNormSGD, GraftedSGD, JacobianRegSGD, MicroBatchSGD
 from regopt import distributed as regopt_distributed
 from regopt.engine import Accumulation
@@ -100,6 +101,45 @@ def count_collectives() -> Iterator[Counter]:
             setattr(dist, name, fn)
 
 
+HOST_READS = ("tolist", "item", "__bool__", "__float__", "__int__", "__index__")
+
+
+@contextmanager
+def count_host_reads(optimizer: Any) -> Iterator[list[str]]:
+    """Record each read of a tensor's value on the host during ``optimizer``'s step: on a GPU each is a
+    synchronization. Left out: reads of uint8 tensors, which are generator states (``get_state()``, a host
+    tensor even for a CUDA generator, hashed into per-rank draws without a sync), and reads inside the base
+    optimizer's own update, which are the base's (torch's Adam reads its step counts, kept on the CPU)."""
+    reads: list[str] = []
+    in_base = [False]
+    saved = {name: getattr(torch.Tensor, name) for name in HOST_READS}
+    base_step = optimizer._base_step
+
+    def counting(name: str, fn: Callable) -> Callable:
+        def wrapper(self: Tensor, *args: Any, **kwargs: Any) -> Any:
+            if self.dtype != torch.uint8 and not in_base[0]:
+                reads.append(name)
+            return fn(self, *args, **kwargs)
+        return wrapper
+
+    def uncounted_base_step() -> None:
+        in_base[0] = True
+        try:
+            base_step()
+        finally:
+            in_base[0] = False
+
+    for name, fn in saved.items():
+        setattr(torch.Tensor, name, counting(name, fn))
+    optimizer._base_step = uncounted_base_step
+    try:
+        yield reads
+    finally:
+        del optimizer._base_step
+        for name, fn in saved.items():
+            setattr(torch.Tensor, name, fn)
+
+
 def make_model(seed: int = 0, batch_norm: bool = False) -> nn.Module:
     torch.manual_seed(seed)
     layers = [nn.Linear(5, 8), *([nn.BatchNorm1d(8)] if batch_norm else []), nn.Tanh(), nn.Linear(8, 3)]
@@ -139,7 +179,12 @@ def stats_of(optimizer: MicroBatchSGD) -> dict[str, Any]:
 
 
 # name -> (class, kwargs, draws random numbers)
-CONFIGS: dict[str, tuple[type, dict[str, Any], bool]] = {
+def grad_norm_adamw(params: Any, lr: float, **options: Any) -> regopt.GradNorm:
+    """GN around AdamW: the wrapper form, whose base takes the update."""
+    return regopt.GradNorm(torch.optim.AdamW(params, lr=lr, weight_decay=1e-2), **options)
+
+
+CONFIGS: dict[str, tuple[Callable, dict[str, Any], bool]] = {
     "LB": (MicroBatchSGD, {}, False),
     "LB-momentum-clip": (MicroBatchSGD, dict(momentum=0.9, nesterov=True, weight_decay=1e-2, max_grad_norm=0.05),
                          False),
@@ -153,6 +198,7 @@ CONFIGS: dict[str, tuple[type, dict[str, Any], bool]] = {
     "graft-iterative": (GraftedSGD, dict(mode="iterative"), False),
     "graft-external": (GraftedSGD, dict(mode="external", norms=[0.7, 0.4]), False),
     "graft-normalized": (GraftedSGD, dict(mode="normalized"), False),
+    "GN-AdamW": (grad_norm_adamw, dict(penalty=0.3), False),
 }
 
 
@@ -193,16 +239,20 @@ def compare_with_single_process(rank: int, name: str, shards: list[int], micro_b
         model = forward = make_model(batch_norm=batch_norm)
     opt, gen = make_optimizer(name, model.parameters(), micro_batch_size)  # default: the world group
     default_group = opt.process_group is dist.group.WORLD
-    stats, counts, losses = [], [], []
+    stats, counts, host_reads, losses = [], [], [], []
+    closure = make_closure(forward)
     for t in range(steps):
         if gen is not None:
             gen.set_state(ref_draws[t][start])
-        with count_collectives() as count:
-            losses.append(opt.step(make_closure(forward), mine).item())
+        with count_collectives() as count, count_host_reads(opt) as reads:
+            loss = opt.step(closure, mine)
+        losses.append(loss.item())
         counts.append(dict(count))
+        host_reads.append(reads)
         stats.append(stats_of(opt))
     return dict(params=flat_params(model), ref_params=flat_params(reference), stats=stats, ref_stats=ref_stats,
-                losses=losses, counts=counts, default_group=default_group, step_count=opt.step_count)
+                losses=losses, counts=counts, host_reads=host_reads, default_group=default_group,
+                step_count=opt.step_count)
 
 
 def partition_reference(name: str, full: tuple[Tensor, ...], bounds: list[tuple[int, int]]) -> dict[str, Any]:
@@ -420,6 +470,8 @@ def check_matches_single_process(results: list[dict], name: str) -> None:
             close(r["losses"][t], ref["loss"], f"{name} rank {rank} step {t} returned loss")
         assert r["counts"] == [{"all_reduce": 1}] * len(r["stats"]), \
             f"expected exactly one all_reduce and no other collective per step, got {r['counts']}"
+        assert r["host_reads"] == [["tolist"]] * len(r["stats"]), \
+            f"expected one host read (one sync on a GPU) per distributed step, got {r['host_reads']}"
         assert r["step_count"] == len(r["stats"])
 
 

@@ -274,10 +274,12 @@ def test_two_failing_ranks_are_counted(three_ranks: list[dict]) -> None:
 
 
 def test_peer_failure_message_names_the_rank_or_the_count() -> None:
-    assert engine.peer_failure_message(1, 4, engine.FAILURE_EXCEPTION).startswith(
+    assert regopt_distributed.peer_failure_message(1, 4, regopt_distributed.FAILURE_EXCEPTION).startswith(
         "another rank (rank 4) failed before the step's all-reduce: it raised an exception")
-    mixed = engine.peer_failure_message(2, 3, engine.FAILURE_SHARD + engine.FAILURE_EXCEPTION)
-    assert mixed.startswith("2 other ranks failed") and all(t in mixed for t in engine.FAILURE_KINDS.values())
+    failures = regopt_distributed.FAILURE_SHARD + regopt_distributed.FAILURE_EXCEPTION
+    mixed = regopt_distributed.peer_failure_message(2, 3, failures)
+    assert mixed.startswith("2 other ranks failed")
+    assert all(t in mixed for t in regopt_distributed.FAILURE_KINDS.values())
 
 
 # --------------------------------------------------------------------------------------------------

@@ -50,3 +50,15 @@ def test_ci_runs_the_readme_test_command():
 def test_readme_has_exactly_one_main_job_command():
     commands = re.findall(r"```bash\n# the main job.*?\n(.*?)\n```", README, re.S)
     assert len(commands) == 1 and commands[0].endswith("python benchmarks/reproduce.py")
+
+
+def test_wrapper_example_runs_adamw_on_the_penalized_gradient(capsys):
+    namespace, _, _ = run_usage_example(USAGE, capsys)
+    wrapper_example = re.findall(r"```python\n(.*?)```", README, re.S)[1]
+    before = [p.detach().clone() for p in namespace["model"].parameters()]
+    exec(compile(wrapper_example, "README.md", "exec"), namespace)
+    opt, regopt = namespace["opt"], namespace["regopt"]
+    assert isinstance(opt, regopt.GradNorm) and isinstance(opt.base, torch.optim.AdamW)
+    assert opt.param_groups is opt.base.param_groups and opt.step_count == 1
+    assert all("exp_avg" in opt.state[p] for p in namespace["model"].parameters())
+    assert not all(torch.equal(a, b) for a, b in zip(before, namespace["model"].parameters()))
