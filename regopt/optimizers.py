@@ -27,8 +27,8 @@ from .batching import AutocastState, Batch, MicroBatch, autocast_state, check_mi
 from .closures import StepArguments, check_trainer_accumulation, step_arguments
 from .engine import Accumulation, Settled, StepSetup, accumulate, settle
 from .penalties import Penalty
-from .settings import (Checked, check_fd_eps, check_loss_scale, check_max_grad_norm, check_method, check_penalty,
-                       check_penalty_micro_batches)
+from .settings import (Checked, check_fd_eps, check_hyperparameter, check_loss_scale, check_max_grad_norm,
+                       check_method, check_penalty, check_penalty_micro_batches)
 from .stats import StepStats
 from .transaction import CLOSURE_CALLED_BACKWARD, StepTransaction
 from .transforms import AddPenalty
@@ -97,6 +97,40 @@ class Verdict:
     hooks: bool  # whether a trainer's hook is called (on any rank)
 
 
+@dataclass(frozen=True)
+class Pending:
+    """The update that ``step()`` owes since the last :meth:`MicroBatch.backward` (or ``step(loss_fn, batch)``)."""
+
+    skipped: bool  # a non-finite backward: step() then updates nothing (and the loss scale shrinks)
+
+
+@dataclass(frozen=True)
+class Written:
+    """What the write stage left: the parameters, whether a trainer's hook is due, and how to undo the write."""
+
+    params: list[Tensor]
+    hooks: bool
+    undo: Callable[[], None]
+
+    def call_hook(self, call: Callable[[], None]) -> None:
+        """Call the trainer's hook; if it raises, undo the write (the step then changes nothing) and re-raise."""
+        try:
+            call()
+        except BaseException:
+            self.undo()
+            raise
+
+
+def check_nothing_accumulated(transaction: StepTransaction, owner: str) -> None:
+    """Refuse a second :meth:`MicroBatch.backward` before ``step()`` where a transform does not add up."""
+    if any(grad is not None for grad in transaction.grads_before):
+        raise RuntimeError(
+            f"{owner}.backward: .grad already holds a gradient, and grafting rescales a whole step's gradient "
+            "(s · G/‖G‖ of a sum is not the sum of the rescaled parts), so it cannot accumulate over calls. Call "
+            "zero_grad() first, or pass the whole batch to one backward call"
+        )
+
+
 def check_optimizer_options(max_grad_norm: Any, loss_scale: Any) -> None:
     """The options every regopt optimizer takes, checked before anything is built."""
     check_max_grad_norm(max_grad_norm)
@@ -121,6 +155,7 @@ class MicroBatch(RegoptOptimizer):
 
     _penalty: Penalty | None = None
     _transforms: tuple = ()  # what turns G into the applied gradient, in order (regopt.transforms)
+    _pending_update: Pending | None = None
     _distributed_calls = 0  # step calls under a process group: the ranks compare them (distributed.Agreement)
     generator: torch.Generator | None = None  # the penalized optimizers' random draws (none here)
     _private_generator: torch.Generator | None = None  # theirs when generator is None
@@ -139,6 +174,7 @@ class MicroBatch(RegoptOptimizer):
         self.loss_scale = loss_scale
         self.process_group = process_group
         self.stats: StepStats | None = None
+        self._pending_update: Pending | None = None  # what step() owes since the last backward
 
     def _settings_repr(self) -> str:
         return f"micro_batch_size={self.micro_batch_size}"
@@ -232,23 +268,67 @@ class MicroBatch(RegoptOptimizer):
 
     # -- the step -----------------------------------------------------------------------
     def step(self, closure: Callable[..., Any] | None = None, batch: Batch | None = None, *,  # type: ignore[override]
-             loss_fn: Callable[..., Any] | None = None) -> Tensor:
+             loss_fn: Callable[..., Any] | None = None) -> Tensor | None:
         """One step on ``batch``: ``loss_fn(*micro_batch)`` returns the mean loss over a micro-batch.
 
         ``step(loss_fn, batch)``, ``step(batch=batch, loss_fn=loss_fn)`` (a trainer's zero-argument closure, if
         given, is then called once after ``.grad`` is written and before the update) and
         ``step(regopt.BatchClosure(loss_fn, batch))`` are the same step; see :mod:`regopt.closures`.
-        Returns the mean loss over the batch (a 0-dim tensor, no host sync).
+        Returns the mean loss over the batch (a 0-dim tensor, no host sync). It is ``zero_grad()``,
+        ``backward(loss_fn, batch)`` and ``step()``, bit for bit.
+
+        ``step()`` with no argument is the base's update from ``.grad`` (clipped by ``max_grad_norm``), as
+        ``torch.optim``'s: after :meth:`backward`, or after any other backward; it does nothing when the last
+        :meth:`backward` was skipped (non-finite, ``stats.skipped``), and returns None.
         """
-        group = self.process_group  # resolved now: the world group at step time
-        if group is not None:  # this call's number in the group's sequence of steps (distributed.Agreement)
-            self._distributed_calls += 1
+        if closure is None and batch is None and loss_fn is None:
+            self._take_pending_update(self._trainable_params())
+            return None
+        group = self._step_group()
         try:
             arguments = step_arguments(type(self).__name__, closure, batch, loss_fn)
         except TypeError:
             self._join_refused_call(group)
             raise
         check_trainer_accumulation(type(self).__name__)
+        with torch.enable_grad():
+            loss, written = self._gradient(arguments, group, add_to_grad=False)
+            if written.hooks:  # a trainer's closure: sees .grad and stats as the update will
+                written.call_hook(lambda: self._call_hook(arguments.hook, group, written.params))
+            self._take_pending_update(written.params)
+        return loss
+
+    def backward(self, loss_fn: Callable[..., Any], batch: Batch, *, weight: float = 1.0) -> Tensor:
+        """Add ``weight`` · Σ_j w_j ∇_θ[L_j + λ R_j] (the gradient ``step(loss_fn, batch)`` applies) to ``.grad``,
+        as ``loss.backward()`` accumulates, and update nothing: the next ``step()`` does.
+
+        Everything ``step`` computes comes with it: the micro-batches, the penalty and its options, loss
+        scaling, the distributed all-reduce, ``stats``, the non-finite checks. Over several calls before one
+        ``step()`` (gradient accumulation), give call i the weight |B_i|/Σ|B| to get the gradient of one call on
+        the concatenated batches (1/n for n equal batches; grafting, which rescales a whole step's gradient,
+        refuses a second call). A failed call changes nothing; a skipped one (non-finite, ``skip_nonfinite`` or
+        ``loss_scale``) leaves ``.grad`` as it was and makes the next ``step()`` a no-op. Returns Σ_j w_j L_j.
+        """
+        if not callable(loss_fn):
+            raise TypeError(f"{type(self).__name__}.backward: loss_fn must be callable, got {type(loss_fn).__name__}")
+        if batch is None:
+            raise TypeError(f"{type(self).__name__}.backward needs a batch: backward(loss_fn, batch)")
+        check_hyperparameter(weight, "weight")
+        group = self._step_group()
+        with torch.enable_grad():
+            loss, _ = self._gradient(StepArguments(loss_fn, batch, None), group, add_to_grad=True, weight=weight)
+        return loss
+
+    def _step_group(self) -> Any:
+        """The group this call shares (the world group now, for ``"default"``), counted for the ranks' agreement."""
+        group = self.process_group
+        if group is not None:  # this call's number in the group's sequence of steps (distributed.Agreement)
+            self._distributed_calls += 1
+        return group
+
+    def _gradient(self, arguments: StepArguments, group: Any, add_to_grad: bool,
+                  weight: float = 1.0) -> tuple[Tensor, Written]:
+        """The step's work up to ``.grad``: check the parameters, open the transaction, run the pipeline."""
         params = self._trainable_params()
         check_autograd_available(params)
         device = params[0].device
@@ -257,25 +337,26 @@ class MicroBatch(RegoptOptimizer):
         # Only the closure runs under the caller's autocast: norms, penalties and the update use full precision.
         # Grad mode is on whatever the caller's (as torch.optim.LBFGS does for its closure): the penalties'
         # double backward needs it, and under torch.no_grad() it would silently build no graph.
-        with torch.enable_grad(), torch.autocast(device.type, enabled=False):
-            return self._step(arguments, params, group, transaction, closure_autocast)
+        with torch.autocast(device.type, enabled=False):
+            return self._step(arguments, params, group, transaction, closure_autocast, add_to_grad, weight)
 
     def _step(self, arguments: StepArguments, params: list[Tensor], group: Any, transaction: StepTransaction,
-              closure_autocast: AutocastState) -> Tensor:
-        """split → accumulate → reduce (the one all-reduce) → check (the one host sync) → commit: transform,
-        write .grad, the trainer's hook, clip and the base's update. Until the check passes, a failure rolls
-        the step back (``transaction``) and tells the other ranks (``guard``)."""
+              closure_autocast: AutocastState, add_to_grad: bool, weight: float) -> tuple[Tensor, Written]:
+        """split → accumulate → reduce (the one all-reduce) → check (the one host sync) → write: transform, then
+        ``.grad``. Until the check passes, a failure rolls the step back (``transaction``) and tells the other
+        ranks (``guard``)."""
         guard = distributed.StepGuard(group, params, self._wire_penalty_grad(), self._distributed_calls)
         with transaction.rolled_back_on_failure(guard.join_if_failed_early):
             # Distributed steps weight by |M_j| here and divide by the global size after the all-reduce.
             micro_batches = split_batch(arguments.batch, self.micro_batch_size,
                                         total_size=1 if group is not None else None)
             guard.split_done()
+            if add_to_grad and not all(transform.accumulates for transform in self._transforms):
+                check_nothing_accumulated(transaction, type(self).__name__)
             acc = self._accumulate(arguments.loss_fn, micro_batches, params, group, transaction, closure_autocast)
             acc = guard.reduce(acc, micro_batches[-1].stop, hook=arguments.hook is not None)
             verdict = self._check(acc, micro_batches, guard, hook=arguments.hook is not None)
-        self._commit(acc, verdict, params, transaction, arguments.hook, group)
-        return acc.loss
+        return acc.loss, self._write(acc, verdict, params, transaction, add_to_grad, weight)
 
     def _accumulate(self, loss_fn: Callable[..., Any], micro_batches: list[MicroBatch], params: list[Tensor],
                     group: Any, transaction: StepTransaction, closure_autocast: AutocastState) -> Accumulation:
@@ -309,12 +390,13 @@ class MicroBatch(RegoptOptimizer):
             raise FloatingPointError(f"{settled.problem}; the step was not taken")
         return Verdict(grad_norm, settled, hooks)
 
-    def _commit(self, acc: Accumulation, verdict: Verdict, params: list[Tensor], transaction: StepTransaction,
-                hook: Callable[[], Any] | None, group: Any) -> None:
-        """Write the applied gradient (or roll back a skipped step), record ``stats``, call a trainer's hook
-        (its failure rolls the step back), update the loss scale, take the update."""
+    def _write(self, acc: Accumulation, verdict: Verdict, params: list[Tensor], transaction: StepTransaction,
+               add_to_grad: bool, weight: float) -> Written:
+        """Record ``stats``; write ``weight`` times the applied gradient to ``.grad`` (replacing it, or added to it
+        for :meth:`backward`), or roll a skipped step back; leave the update pending for ``step()``."""
         skipped = verdict.settled.problem is not None
-        stats = StepStats(
+        previous_stats, previous_pending = self.stats, self._pending_update
+        self.stats = StepStats(
             loss=acc.loss,
             penalty=acc.penalty,
             micro_grad_sq_norm=acc.micro_grad_sq_norm,
@@ -325,17 +407,27 @@ class MicroBatch(RegoptOptimizer):
         if skipped:  # skip_nonfinite or loss scaling: like a step never taken
             transaction.rollback()
         else:
-            self._write_grads(params, self._applied_gradient(acc, verdict.grad_norm, params), verdict.settled.used)
-        previous_stats, self.stats = self.stats, stats
-        if verdict.hooks:  # a trainer's closure: sees .grad and stats as the update will
-            try:
-                self._call_hook(hook, group, params)
-            except BaseException:
-                transaction.rollback()
-                self.stats = previous_stats
-                raise
-        self._update_loss_scale(found_nonfinite=skipped)
-        if not skipped:
+            applied = self._applied_gradient(acc, verdict.grad_norm, params)
+            if weight != 1.0:
+                torch._foreach_mul_(applied, weight)
+            self._write_grads(params, applied, verdict.settled.used,
+                              transaction.grads_before if add_to_grad else None)
+        carried = add_to_grad and previous_pending is not None and previous_pending.skipped  # an earlier skipped part
+        self._pending_update = Pending(skipped=skipped or carried)
+
+        def undo() -> None:
+            transaction.rollback()
+            self.stats, self._pending_update = previous_stats, previous_pending
+
+        return Written(params, verdict.hooks, undo)
+
+    def _take_pending_update(self, params: list[Tensor]) -> None:
+        """``step()``: the base's update from ``.grad`` (none after a skipped :meth:`backward`), and the loss
+        scale's bookkeeping for the backward it follows."""
+        pending, self._pending_update = self._pending_update, None
+        if pending is not None:
+            self._update_loss_scale(found_nonfinite=pending.skipped)
+        if pending is None or not pending.skipped:
             self._update(params)
 
     def _call_hook(self, hook: Callable[[], Any] | None, group: Any, params: list[Tensor]) -> None:
@@ -366,10 +458,19 @@ class MicroBatch(RegoptOptimizer):
             return
         distributed.StepGuard(group, params, self._wire_penalty_grad(), self._distributed_calls).join_refused_call()
 
-    def _write_grads(self, params: list[Tensor], applied: list[Tensor], used: list[bool]) -> None:
-        """Write ``.grad``: the applied gradient, None for an unused parameter (the base then skips it)."""
-        for param, grad, is_used in zip(params, applied, used):
-            param.grad = grad if is_used else None
+    def _write_grads(self, params: list[Tensor], applied: list[Tensor], used: list[bool],
+                     previous: list[Tensor | None] | None = None) -> None:
+        """Write ``.grad``: the applied gradient, None for an unused parameter (the base then skips it); with
+        ``previous`` (what ``.grad`` held), the sum, and ``previous`` itself where the step did not reach."""
+        if previous is None:
+            previous = [None] * len(params)
+        added = [i for i, (is_used, grad) in enumerate(zip(used, previous)) if is_used and grad is not None]
+        if added:
+            sums = torch._foreach_add([previous[i] for i in added], [applied[i] for i in added])
+            for i, total in zip(added, sums):
+                applied[i] = total
+        for param, grad, is_used, before in zip(params, applied, used, previous):
+            param.grad = grad if is_used else before
 
     def _update(self, params: list[Tensor]) -> None:
         """Clear a frozen parameter's ``.grad`` (the base then skips it), clip (``max_grad_norm``), take the

@@ -130,6 +130,11 @@ class StepTransaction:
         for p in self.params:
             p.grad = None
 
+    @property
+    def grads_before(self) -> list[Tensor | None]:
+        """What ``.grad`` held before the step, per parameter."""
+        return list(self._grads)
+
     def grads_were_written(self) -> bool:
         """Whether something (a closure calling ``backward()``) wrote a ``.grad`` during the step."""
         return any(p.grad is not None for p in self.params)

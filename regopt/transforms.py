@@ -6,7 +6,8 @@ An optimizer holds a tuple of transforms, applied in order after the step's one 
     Graft:       G ← s · G/‖G‖   (0 where ‖G‖ = 0)
 
 Each may also ``prepare`` before the step does any work (reading what may refuse the step, so that a
-refused step changes nothing).
+refused step changes nothing), and says whether it ``accumulates``: whether the transformed gradients of
+several ``backward`` calls add up to the transformed gradient of their batches together.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from .engine import Accumulation
 
 class AddPenalty:
     """G + λP, with P = Σ_j w_j ∇R_j; −λ where the group maximizes (it ascends L and still minimizes R)."""
+
+    accumulates = True  # linear in the micro-batch sums: backward() calls add up
 
     def __init__(self, optimizer: Any) -> None:
         self.optimizer = optimizer  # λ (``penalty``) and ``maximize`` are read at each step: both may change
@@ -48,6 +51,8 @@ class AddPenalty:
 class Graft:
     """s · G/‖G‖, 0 where ‖G‖ = 0, with the grafted optimizer's s: mean_j ‖g_j‖ (``mode="iterative"``), 1
     (``"normalized"``) or its recorded ``norms[t]`` (``"external"``)."""
+
+    accumulates = False  # s · G/‖G‖ of a sum is not the sum of the rescaled parts
 
     def __init__(self, optimizer: Any) -> None:
         self.optimizer = optimizer

@@ -36,8 +36,10 @@ import datetime
 import os
 import pickle
 import socket
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -184,3 +186,47 @@ def launch(worker: Callable[..., dict], world_size: int, tmp_dir: Path,
         with open(result_path, "rb") as f:
             results.append(pickle.load(f))
     return results
+
+
+HOST_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__")
+
+
+@contextmanager
+def counting_host_reads(optimizer: Any = None) -> Iterator[list[str]]:
+    """Record the function that called each Tensor method copying a value to the host (on CUDA, a
+    synchronization), except reads of a generator's state, a host tensor on every device (``state_seed``),
+    and, given a regopt ``optimizer``, reads inside its base's own update (torch's Adam reads its step
+    counts, which it keeps on the CPU)."""
+    reads: list[str] = []
+    in_base = [False]
+    saved = {name: getattr(torch.Tensor, name) for name in HOST_READS}
+
+    def counting(name: str, method: Callable) -> Callable:
+        def wrapper(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            caller = sys._getframe(1).f_code.co_name
+            if caller != "state_seed" and not in_base[0]:
+                reads.append(caller)
+            return method(self, *args, **kwargs)
+        return wrapper
+
+    for name, method in saved.items():
+        setattr(torch.Tensor, name, counting(name, method))
+    if optimizer is not None:
+        base_step = optimizer._base_step
+
+        def uncounted_base_step() -> None:
+            in_base[0] = True
+            try:
+                base_step()
+            finally:
+                in_base[0] = False
+
+        optimizer._base_step = uncounted_base_step
+    try:
+        yield reads
+    finally:
+        if optimizer is not None:
+            del optimizer._base_step
+        for name, method in saved.items():
+            setattr(torch.Tensor, name, method)
+

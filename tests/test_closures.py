@@ -110,7 +110,6 @@ def test_a_trainers_zero_argument_closure_without_a_batch_gets_the_recipe():
 
 
 @pytest.mark.parametrize("call, match", [
-    (lambda opt, fn, b: opt.step(), "needs a closure and a batch"),
     (lambda opt, fn, b: opt.step(fn), "needs a closure and a batch"),  # a micro-batch closure without the batch
     (lambda opt, fn, b: opt.step(loss_fn=fn), "loss_fn= but no batch="),
     (lambda opt, fn, b: opt.step(batch=b, loss_fn="not callable"), "loss_fn must be callable"),

@@ -101,45 +101,6 @@ def count_collectives() -> Iterator[Counter]:
             setattr(dist, name, fn)
 
 
-HOST_READS = ("tolist", "item", "__bool__", "__float__", "__int__", "__index__")
-
-
-@contextmanager
-def count_host_reads(optimizer: Any) -> Iterator[list[str]]:
-    """Record each read of a tensor's value on the host during ``optimizer``'s step: on a GPU each is a
-    synchronization. Left out: reads of uint8 tensors, which are generator states (``get_state()``, a host
-    tensor even for a CUDA generator, hashed into per-rank draws without a sync), and reads inside the base
-    optimizer's own update, which are the base's (torch's Adam reads its step counts, kept on the CPU)."""
-    reads: list[str] = []
-    in_base = [False]
-    saved = {name: getattr(torch.Tensor, name) for name in HOST_READS}
-    base_step = optimizer._base_step
-
-    def counting(name: str, fn: Callable) -> Callable:
-        def wrapper(self: Tensor, *args: Any, **kwargs: Any) -> Any:
-            if self.dtype != torch.uint8 and not in_base[0]:
-                reads.append(name)
-            return fn(self, *args, **kwargs)
-        return wrapper
-
-    def uncounted_base_step() -> None:
-        in_base[0] = True
-        try:
-            base_step()
-        finally:
-            in_base[0] = False
-
-    for name, fn in saved.items():
-        setattr(torch.Tensor, name, counting(name, fn))
-    optimizer._base_step = uncounted_base_step
-    try:
-        yield reads
-    finally:
-        del optimizer._base_step
-        for name, fn in saved.items():
-            setattr(torch.Tensor, name, fn)
-
-
 def make_model(seed: int = 0, batch_norm: bool = False) -> nn.Module:
     torch.manual_seed(seed)
     layers = [nn.Linear(5, 8), *([nn.BatchNorm1d(8)] if batch_norm else []), nn.Tanh(), nn.Linear(8, 3)]
@@ -244,7 +205,7 @@ def compare_with_single_process(rank: int, name: str, shards: list[int], micro_b
     for t in range(steps):
         if gen is not None:
             gen.set_state(ref_draws[t][start])
-        with count_collectives() as count, count_host_reads(opt) as reads:
+        with count_collectives() as count, dist_support.counting_host_reads(opt) as reads:
             loss = opt.step(closure, mine)
         losses.append(loss.item())
         counts.append(dict(count))
@@ -470,7 +431,7 @@ def check_matches_single_process(results: list[dict], name: str) -> None:
             close(r["losses"][t], ref["loss"], f"{name} rank {rank} step {t} returned loss")
         assert r["counts"] == [{"all_reduce": 1}] * len(r["stats"]), \
             f"expected exactly one all_reduce and no other collective per step, got {r['counts']}"
-        assert r["host_reads"] == [["tolist"]] * len(r["stats"]), \
+        assert r["host_reads"] == [["settle"]] * len(r["stats"]), \
             f"expected one host read (one sync on a GPU) per distributed step, got {r['host_reads']}"
         assert r["step_count"] == len(r["stats"])
 

@@ -19,9 +19,7 @@ so the group is shown to be in step afterwards).
 from __future__ import annotations
 
 import itertools
-import sys
 from collections.abc import Callable
-from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -30,7 +28,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dist_support import launch
+from dist_support import counting_host_reads, launch
 from regopt import FisherTraceSGD, GradNormSGD, MicroBatchSGD
 from regopt.distributed import Agreement
 from test_distributed import (count_collectives, flat_params, make_batch, make_closure, make_model, per_rank,
@@ -182,33 +180,6 @@ def subgroup_failures(rank: int, world: int) -> dict[str, Any]:
     hooked = attempt(lambda: opt.step(hook, batch=mine, loss_fn=make_closure(model)))
     opt.step(make_closure(model), mine)
     return dict(empty=empty, hook=hooked, after=flat_params(model), step_count=opt.step_count)
-
-
-HOST_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__")
-
-
-@contextmanager
-def counting_host_reads() -> Any:
-    """Record the function that called each Tensor method copying a value to the host (on CUDA, a
-    synchronization), except reads of a generator's state, a host tensor on every device (``state_seed``)."""
-    reads: list[str] = []
-    saved = {name: getattr(torch.Tensor, name) for name in HOST_READS}
-
-    def counting(name: str, method: Callable) -> Callable:
-        def wrapper(self: Tensor, *args: Any, **kwargs: Any) -> Any:
-            caller = sys._getframe(1).f_code.co_name
-            if caller != "state_seed":
-                reads.append(caller)
-            return method(self, *args, **kwargs)
-        return wrapper
-
-    for name, method in saved.items():
-        setattr(torch.Tensor, name, counting(name, method))
-    try:
-        yield reads
-    finally:
-        for name, method in saved.items():
-            setattr(torch.Tensor, name, method)
 
 
 def host_reads_per_step(rank: int, world: int) -> dict[str, Any]:

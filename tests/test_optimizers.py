@@ -267,7 +267,6 @@ def test_bad_step_input_changes_nothing(name):
         return (loss * float("nan") if len(calls) == 3 else loss), logits
 
     cases = [
-        (lambda: opt.step(), TypeError, "needs a closure and a batch"),
         (lambda: opt.step(logits_closure(model)), TypeError, "needs a closure and a batch"),
         (lambda: opt.step(logits_closure(model), (x[:0], y[:0])), ValueError, "empty"),
         (lambda: opt.step(logits_closure(model), (x, "labels")), TypeError, r"batch\[1\] must be a Tensor"),
