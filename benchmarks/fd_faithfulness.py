@@ -72,6 +72,7 @@ from benchmarks import data as data_lib
 from benchmarks import models as models_lib
 from regopt import hvp, penalties
 from regopt.engine import weighted_add
+from regopt.testing import cosine_and_relative_error
 
 # The `fmnist` preset (benchmarks/repro/presets.py; tests/benchmarks/test_bench_fd.py holds them equal).
 FMNIST = dict(train_size=10_000, widths=[16, 32, 64], batch_size=1024, micro_batch_size=128, lr=0.1, momentum=0.0)
@@ -212,10 +213,9 @@ def flatten(tensors: Sequence[Tensor]) -> Tensor:
 
 
 def compare(estimated: Sequence[Tensor], reference: Sequence[Tensor]) -> tuple[float, float]:
-    """(cosine similarity, ‖estimated − reference‖ / ‖reference‖), computed in float64."""
-    e, r = flatten(estimated), flatten(reference)
-    cos = float(e @ r / (e.norm() * r.norm()).clamp_min(torch.finfo(torch.float64).tiny))
-    return cos, float((e - r).norm() / r.norm().clamp_min(torch.finfo(torch.float64).tiny))
+    """(cosine similarity, ‖estimated − reference‖ / ‖reference‖), computed in float64 (regopt's own measure,
+    the one ``python -m regopt.doctor`` reports)."""
+    return cosine_and_relative_error(estimated, reference)
 
 
 @dataclasses.dataclass
