@@ -464,6 +464,7 @@ class MicroBatch(RegoptOptimizer):
         ``previous`` (what ``.grad`` held), the sum, and ``previous`` itself where the step did not reach."""
         if previous is None:
             previous = [None] * len(params)
+        applied = list(applied)
         added = [i for i, (is_used, grad) in enumerate(zip(used, previous)) if is_used and grad is not None]
         if added:
             sums = torch._foreach_add([previous[i] for i in added], [applied[i] for i in added])
