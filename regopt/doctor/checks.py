@@ -21,6 +21,7 @@ from .. import hvp, registry
 from ..batching import split_batch
 from ..sgd import GradNormSGD
 from ..testing import compare_with_reference, cosine_and_relative_error, penalty_gradient
+from ..testing.reference_check import bind_model, cast_batch
 from .double_backward import graph_is_cut, lacks_double_backward, modules_without_double_backward
 from .parts import PartResult, Subject, first_line
 
@@ -28,10 +29,6 @@ MOMENTUM = 0.9  # the reference check's SGD: momentum makes its second step depe
 FD_EPS = (1e-2, 1e-3)  # regopt's default ε and a tenth of it
 FAITHFUL_REL_ERR, FAITHFUL_COS = 0.1, 0.99  # "FD is safe here": within 10 % of exact, and pointing the same way
 REFERENCE_STEPS = 2
-
-
-def bound(loss_fn: Callable[..., Any], model: nn.Module) -> Callable[..., Any]:
-    return lambda *args, **kwargs: loss_fn(model, *args, **kwargs)
 
 
 def first_micro_batch(subject: Subject) -> Any:
@@ -72,9 +69,14 @@ def _exact_failure(subject: Subject, model: nn.Module, error: str, silent: bool)
                       {"exact_runs": False, "silent": silent, "modules": culprits, "error": error})
 
 
+def _attention(culprits: list[str], error: str) -> bool:
+    """Whether fused attention stopped the double backward (by the error's op or the module's class)."""
+    return "attention" in error.lower() or any("Attention" in name for name in culprits)
+
+
 def exact_fix(culprits: list[str], error: str) -> str:
     """The switch that fixes it: fused attention's, a compiled module's, or finite differences."""
-    if "attention" in error.lower() or any("Attention" in name for name in culprits):
+    if _attention(culprits, error):
         return ("switch fused attention off: timm models take fused_attn=False (or TIMM_FUSED_ATTN=0 in the "
                 "environment); for F.scaled_dot_product_attention run the step under "
                 "`with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):`; "
@@ -90,24 +92,25 @@ def _exact_step(subject: Subject, model: nn.Module) -> GradNormSGD:
     optimizer = GradNormSGD(model.parameters(), 0.0, micro_batch_size=subject.micro_batch_size,
                             penalty=subject.penalty)
     with torch.random.fork_rng(devices=_cuda(subject)), subject.exact_kernels():
-        optimizer.step(bound(subject.loss_fn, model), subject.batch)
+        optimizer.step(bind_model(subject.loss_fn, model), subject.batch)
     return optimizer
 
 
 def _runs_with_math_attention(subject: Subject) -> bool:
     """Whether the exact step runs with scaled_dot_product_attention's math kernel (which has a double backward)."""
     subject.attention_math = True
+    runs = False
     try:
         model = copy.deepcopy(subject.model)
         _exact_step(subject, model)
         with subject.exact_kernels():
-            if not _cut_gradient(subject, model):
-                return True
+            runs = not _cut_gradient(subject, model)
     except RuntimeError as error:
         if not lacks_double_backward(error):
             raise
-    subject.attention_math = False
-    return False
+    finally:
+        subject.attention_math = runs
+    return runs
 
 
 def exact_path(subject: Subject, deadline: float) -> PartResult:
@@ -119,7 +122,7 @@ def exact_path(subject: Subject, deadline: float) -> PartResult:
         if not (isinstance(error, hvp.NoDoubleBackwardError) or lacks_double_backward(error)):
             raise
         result = _exact_failure(subject, model, str(error), silent=False)
-        if "switch fused attention off" in result.details[-1] and _runs_with_math_attention(subject):
+        if _attention(result.data["modules"], str(error)) and _runs_with_math_attention(subject):
             subject.exact_available = True
             result.status = "warn"
             result.verdict += ("; it runs with SDPA's math kernel (the switch below), which the later parts use "
@@ -218,7 +221,7 @@ def fd_faithfulness(subject: Subject, deadline: float) -> PartResult:
         return PartResult("fd", title, "skip", "not measured: without a double backward there is no exact "
                           "reference here; method='finite_difference' is the only choice on this model")
     with subject.exact_kernels():
-        exact = penalty_gradient(copy.deepcopy(subject.model).double(), subject.loss_fn, double_batch(subject.batch),
+        exact = penalty_gradient(copy.deepcopy(subject.model).double(), subject.loss_fn, cast_batch(subject.batch, torch.float64),
                                  subject.micro_batch_size, method="exact", seed=subject.seed)
     rows = _fd_rows(subject, exact, deadline)
     safe = [row for row in rows if row["faithful"]]
@@ -229,17 +232,6 @@ def fd_faithfulness(subject: Subject, deadline: float) -> PartResult:
     verdict = ("use method='exact': the finite-difference penalty gradient is not within "
                f"{FAITHFUL_REL_ERR:.0%} (cosine ≥ {FAITHFUL_COS}) of the exact one at any ε measured")
     return PartResult("fd", title, "warn", verdict, details, {"rows": rows, "recommend": "exact"})
-
-
-def double_batch(batch: Any) -> Any:
-    """``batch`` with its floating-point leaves in float64."""
-    def cast(t: Any) -> Any:
-        return t.double() if isinstance(t, Tensor) and t.is_floating_point() else t
-    if isinstance(batch, dict):
-        return {key: cast(value) for key, value in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(cast(value) for value in batch)
-    return cast(batch)
 
 
 # -- 5. the drop-in contract -------------------------------------------------------------------------------

@@ -24,7 +24,8 @@ from torch import nn
 
 from ..batching import split_batch
 from ..sgd import GradNormSGD, MicroBatchSGD
-from .checks import bound, call_on, loss_of
+from ..testing.reference_check import bind_model
+from .checks import call_on, loss_of
 from .parts import PartResult, Subject, first_line
 
 BASELINE = "SGD-accum"
@@ -57,7 +58,7 @@ def _accumulated_sgd(subject: Subject, model: nn.Module) -> tuple[torch.optim.Op
 def _regopt(make: Callable[..., torch.optim.Optimizer]):
     def build(subject: Subject, model: nn.Module) -> tuple[torch.optim.Optimizer, Callable[[], Any]]:
         optimizer = make(model.parameters(), subject)
-        closure = bound(subject.loss_fn, model)
+        closure = bind_model(subject.loss_fn, model)
         return optimizer, lambda: optimizer.step(closure, subject.batch)
     return build
 

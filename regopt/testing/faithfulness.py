@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from .. import penalties
 from ..batching import split_batch
 from ..engine import StepSetup, micro_batch_gradients, weighted_add
+from .reference_check import bind_model
 
 
 def cosine_and_relative_error(estimated: Sequence[Tensor], reference: Sequence[Tensor]) -> tuple[float, float]:
@@ -41,7 +42,7 @@ def penalty_gradient(model: nn.Module, loss_fn: Callable[..., Any], batch: Any, 
     micro_batches = split_batch(batch, micro_batch_size)
     device = params[0].device
     generator = torch.Generator(device).manual_seed(seed)
-    setup = StepSetup(lambda *a, **k: loss_fn(model, *a, **k), len(micro_batches), params, penalty, method,
+    setup = StepSetup(bind_model(loss_fn, model), len(micro_batches), params, penalty, method,
                       generator, fd_eps)
     total = None
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):

@@ -149,7 +149,7 @@ class _ReferenceUpdate:
 
 
 # -- running the two sides ---------------------------------------------------------------------------------
-def _cast_batch(batch: Any, dtype: torch.dtype) -> Any:
+def cast_batch(batch: Any, dtype: torch.dtype) -> Any:
     """``batch`` with its floating-point leaves in ``dtype`` (labels and masks unchanged)."""
     def cast(t: Any) -> Any:
         return t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t
@@ -160,7 +160,7 @@ def _cast_batch(batch: Any, dtype: torch.dtype) -> Any:
     return cast(batch)
 
 
-def _bound(loss_fn: Callable[..., Any], model: nn.Module) -> Callable[..., Any]:
+def bind_model(loss_fn: Callable[..., Any], model: nn.Module) -> Callable[..., Any]:
     """``loss_fn(model, *parts)`` / ``loss_fn(model, **parts)`` as the closure a step calls with the parts."""
     return lambda *args, **kwargs: loss_fn(model, *args, **kwargs)
 
@@ -207,9 +207,9 @@ def _take_steps(sides: _Sides, loss_fn: Callable[..., Any], batch: Any, t: int, 
     """Step ``t`` of both sides on the same batch and RNG state: (the fast step's return, ReferenceStats)."""
     device = next(sides.fast_model.parameters()).device
     with _same_randomness(seed + t, device):
-        fast_loss = sides.fast.step(_bound(loss_fn, sides.fast_model), batch)
+        fast_loss = sides.fast.step(bind_model(loss_fn, sides.fast_model), batch)
     with _same_randomness(seed + t, device):
-        expected = reference.step(sides.slow, _bound(loss_fn, sides.slow_model), batch, generator=sides.generator,
+        expected = reference.step(sides.slow, bind_model(loss_fn, sides.slow_model), batch, generator=sides.generator,
                                   graft_norm=_graft_norm(sides.fast, t), **sides.options)
     return fast_loss, expected
 
@@ -354,7 +354,7 @@ def compare_with_reference(make_optimizer: Callable[[list[Tensor]], Any], model:
     rows: list[Row] = []
     relative_errors: dict[str, float] = {}
     for t in range(steps):
-        step_batch = _cast_batch(batch(t) if callable(batch) else batch, dtype)
+        step_batch = cast_batch(batch(t) if callable(batch) else batch, dtype)
         fast_loss, expected = _take_steps(sides, loss_fn, step_batch, t, seed)
         rows += _stats_rows(t + 1, sides.fast, fast_loss, expected, tol)
         rows += _grad_rows(t + 1, sides, tol) + _model_rows(t + 1, sides, tol)
