@@ -273,7 +273,7 @@ def contract(subject: Subject, deadline: float) -> PartResult:
                                   "as torch.optim skips them"))
     unreached = _unreached(subject)
     if unreached:
-        findings.append(("warn", f"{len(unreached)} trainable parameter(s) the loss never reaches "
+        findings.append(("warn", f"{len(unreached)} trainable parameter(s) the first micro-batch's loss does not reach "
                                   f"({_listed(unreached)}): .grad stays None and they are not updated (weight decay "
                                   "and momentum included), as torch.optim does for a None .grad"))
     if not subject.model.training:
