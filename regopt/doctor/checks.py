@@ -65,7 +65,7 @@ def _exact_failure(subject: Subject, model: nn.Module, error: str, silent: bool)
     fixes = [f"stopped by: {where}", f"why: {how}", "fix: " + exact_fix(culprits, error)]
     subject.exact_available = False
     return PartResult("exact", "exact penalty (double backward)", "fail",
-                      f"method='exact' does not work on this model: {where}", fixes,
+                      f"method='exact' does not work on this model: {_listed(culprits, 3) or where}", fixes,
                       {"exact_runs": False, "silent": silent, "modules": culprits, "error": error})
 
 
@@ -227,7 +227,9 @@ def fd_faithfulness(subject: Subject, deadline: float) -> PartResult:
     safe = [row for row in rows if row["faithful"]]
     details = [f"ε = {row['fd_eps']:g}: relative error {row['rel_err']:.3g}, cosine {row['cos']:.4f}" for row in rows]
     if safe:
-        verdict = f"finite differences are safe here (ε = {safe[0]['fd_eps']:g}: within {FAITHFUL_REL_ERR:.0%} of exact)"
+        eps = safe[0]["fd_eps"]
+        verdict = (f"finite differences are safe here (ε = {eps:g}: within {FAITHFUL_REL_ERR:.0%} of exact)"
+                   + ("" if eps == FD_EPS[0] else f"; pass fd_eps={eps:g} (the default {FD_EPS[0]:g} is not)"))
         return PartResult("fd", title, "ok", verdict, details, {"rows": rows, "recommend": "finite_difference"})
     verdict = ("use method='exact': the finite-difference penalty gradient is not within "
                f"{FAITHFUL_REL_ERR:.0%} (cosine ≥ {FAITHFUL_COS}) of the exact one at any ε measured")
