@@ -52,7 +52,7 @@ class MicroBatch:
 
 @dataclass(frozen=True)
 class ClosureOutput:
-    """What loss_fn returned: the mean loss over the micro-batch, and its logits if given."""
+    """What loss_fn returned: the mean loss over the micro-batch, and its logits [n, …, C] if given."""
 
     loss: Tensor
     logits: Tensor | None
@@ -178,7 +178,7 @@ def call_closure(closure: Callable[..., Any], micro: MicroBatch, count: int,
 
 def _checked_output(result: Any, micro: MicroBatch, where: str) -> ClosureOutput:
     """``loss`` or ``(loss, logits)`` as returned on ``micro`` (``where``), checked: a 0-dim loss that requires
-    grad, logits of shape [|M_j|, C]."""
+    grad, logits of shape [|M_j|, …, C]."""
     logits = None
     if isinstance(result, tuple):
         if len(result) != 2:
@@ -186,11 +186,7 @@ def _checked_output(result: Any, micro: MicroBatch, where: str) -> ClosureOutput
                 f"loss_fn returned a tuple of length {len(result)} on {where}: expected a loss or (loss, logits)"
             )
         result, logits = result
-        if not isinstance(logits, Tensor) or logits.dim() != 2 or logits.shape[0] != micro.size:
-            shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
-            raise TypeError(
-                f"loss_fn returned logits of shape {shape} on {where}: expected a Tensor of shape [{micro.size}, C]"
-            )
+        _check_logits(logits, micro, where)
     if not isinstance(result, Tensor):
         raise TypeError(
             f"loss_fn returned {type(result).__name__} on {where}: expected a 0-dim loss Tensor or (loss, logits)"
@@ -205,3 +201,13 @@ def _checked_output(result: Any, micro: MicroBatch, where: str) -> ClosureOutput
             "compute it from the parameters, outside torch.no_grad()"
         )
     return ClosureOutput(result, logits)
+
+
+def _check_logits(logits: Any, micro: MicroBatch, where: str) -> None:
+    """Logits [|M_j|, …, C]: at least two dimensions, the first the micro-batch's size, none empty."""
+    if not isinstance(logits, Tensor) or logits.dim() < 2 or logits.shape[0] != micro.size or logits.numel() == 0:
+        shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+        raise TypeError(
+            f"loss_fn returned logits of shape {shape} on {where}: expected a Tensor of shape [{micro.size}, C], "
+            f"or [{micro.size}, …, C] with one example per position (e.g. [{micro.size}, T, C] for tokens)"
+        )

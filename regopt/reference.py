@@ -5,13 +5,16 @@ optimizer, whose ``step()`` then takes the update). It depends on torch only and
 with the rest of regopt on purpose.
 For each micro-batch M_j (consecutive slices of ``micro_batch_size``, w_j = |M_j|/|B|)::
 
-    L_j, logits = closure(M_j)                      # one forward pass
+    L_j, logits[, mask] = closure(M_j)              # one forward pass
     S_j = L_j | CE(logits, ŷ) | Σ_c mean logits | uᵀ mean logits
     v_j = autograd.grad(S_j, θ, create_graph=True)
     R_j = Σ_p ‖v_j[p]‖²
     (w_j · (L_j ± λ R_j)).backward()                # accumulates into .grad
 
-after ``sgd.zero_grad()``, then ``sgd.step()``: a parameter that no backward reaches keeps
+where logits [n, …, C] count each position (each token of [n, T, C]) as an example: the means and CE run
+over the rows of logits.reshape(-1, C) that ``mask`` [n, …] keeps (all of them without a mask; S_j = 0 when
+none is kept), and FT draws a label for every row, kept or not. All this after ``sgd.zero_grad()``,
+then ``sgd.step()``: a parameter that no backward reaches keeps
 ``.grad = None`` and is not updated. The regularizer is always minimized: + for the groups
 that minimize, − for those with ``maximize=True`` (SGD then ascends L − λR). Grafting instead
 rescales the accumulated G = Σ_j w_j g_j to length s and steps. Random draws happen in the
@@ -58,27 +61,34 @@ def _micro_batches(batch, micro_batch_size):
 
 
 def _penalty_draw(regularizer, logits, generator):
-    """The micro-batch's random draw: FT's labels ŷ ~ softmax(logits), UJ's u = z/‖z‖ (None for the others)."""
+    """The micro-batch's random draw: FT's labels ŷ ~ softmax(logits), one per row of logits.reshape(-1, C),
+    UJ's u = z/‖z‖ (None for the others)."""
     if regularizer == "fisher_trace":
-        probs = torch.softmax(logits.detach().float(), dim=1)
+        probs = torch.softmax(logits.detach().float().reshape(-1, logits.shape[-1]), dim=1)
         probs = torch.where(probs.isfinite().all(dim=1, keepdim=True), probs, 1.0 / probs.shape[1])
         return torch.multinomial(probs, 1, generator=generator).squeeze(1)  # = penalties.sample_categorical's draw
     if regularizer == "unit_jacobian":
         dtype = torch.promote_types(logits.dtype, torch.float32)  # u in float32 at least
-        z = torch.randn(logits.shape[1], generator=generator, device=logits.device, dtype=dtype)
+        z = torch.randn(logits.shape[-1], generator=generator, device=logits.device, dtype=dtype)
         return z / torch.linalg.vector_norm(z)
     return None
 
 
-def _penalty_scalar(regularizer, loss, logits, draw):
-    """S_j: L_j | CE(logits, ŷ) | Σ_c mean logits | uᵀ mean logits."""
+def _penalty_scalar(regularizer, loss, logits, draw, mask=None):
+    """S_j: L_j | CE(logits, ŷ) | Σ_c mean logits | uᵀ mean logits, over the kept rows of logits.reshape(-1, C)."""
     if regularizer == "grad_norm":
         return loss
+    rows = logits.reshape(-1, logits.shape[-1])
+    if mask is not None:
+        kept = mask.reshape(-1)
+        if not kept.any():
+            return rows[kept].sum()  # Σ over no position: S_j = 0, so R_j = 0
+        rows, draw = rows[kept], (draw[kept] if regularizer == "fisher_trace" else draw)
     if regularizer == "fisher_trace":
-        return F.cross_entropy(logits, draw)
+        return F.cross_entropy(rows, draw)
     if regularizer == "average_jacobian":
-        return logits.mean(dim=0).sum()
-    return logits.mean(dim=0, dtype=draw.dtype) @ draw
+        return rows.mean(dim=0).sum()
+    return rows.mean(dim=0, dtype=draw.dtype) @ draw
 
 
 def step(sgd, closure, batch, *, micro_batch_size, regularizer="none", penalty=0.0, generator=None,
@@ -128,7 +138,7 @@ def step(sgd, closure, batch, *, micro_batch_size, regularizer="none", penalty=0
 def _backward_micro_batch(out, w, params, maximizing, regularizer, weight, generator, large_batch_grad):
     """Backpropagate w_j · (L_j ± weight · R_j) into ``.grad`` (w_j · L_j alone when ``weight`` is None) and add
     w_j g_j to ``large_batch_grad``; returns (L_j, R_j, ‖g_j‖²)."""
-    loss, logits = out if isinstance(out, tuple) else (out, None)
+    loss, logits, mask = (*out, None)[:3] if isinstance(out, tuple) else (out, None, None)
     g = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True, materialize_grads=True)
     g_sq_norm = float(sum((gp.detach() ** 2).sum() for gp in g))
     for G_p, g_p in zip(large_batch_grad, g):
@@ -137,7 +147,7 @@ def _backward_micro_batch(out, w, params, maximizing, regularizer, weight, gener
     if weight is None:
         (w * loss).backward()
         return float(loss.detach()), 0.0, g_sq_norm
-    v = torch.autograd.grad(_penalty_scalar(regularizer, loss, logits, draw), params, create_graph=True,
+    v = torch.autograd.grad(_penalty_scalar(regularizer, loss, logits, draw, mask), params, create_graph=True,
                             allow_unused=True, materialize_grads=True)
     r = sum((vp ** 2).sum() for vp in v)
     if not maximizing:
