@@ -1,5 +1,5 @@
 """examples/: every example runs (as a user runs it, in its own process) and does what its docstring says.
-The trainer examples skip cleanly without the `integrations` extra (lightning, accelerate, timm). The
+The trainer examples skip cleanly without the `integrations` extra (lightning, accelerate, timm, transformers). The
 wrapped-AdamW variants (``--base adamw``) run in this process, through the examples' own functions, to keep
 the suite's time down."""
 
@@ -228,3 +228,16 @@ def test_lightning_script_prints_global_step_5(tmp_path):
     out = run_example("lightning_module.py", "--max-steps", "5", "--root", "run", "--base", "adamw", cwd=tmp_path)
     assert out.strip().splitlines()[-1] == "global_step 5" and "logged: micro_grad_sq_norm" in out
     assert "optimizer: GradNorm around AdamW" in out
+
+
+@needs("transformers")
+def test_hf_trainer_prints_global_step_and_resumes_to_the_uninterrupted_run(tmp_path):
+    out = run_example("hf_trainer.py", "--max-steps", "4", "--output-dir", "whole", cwd=tmp_path)
+    assert out.strip().splitlines()[-1] == "global_step 4" and "regopt/micro_grad_sq_norm" in out
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "whole" / "checkpoint-2").rename(tmp_path / "cut" / "checkpoint-2")
+    out = run_example("hf_trainer.py", "--max-steps", "4", "--output-dir", "cut", "--resume", cwd=tmp_path)
+    assert out.strip().splitlines()[-1] == "global_step 4"
+    from safetensors.torch import load_file
+    whole, cut = (load_file(tmp_path / run / "checkpoint-4" / "model.safetensors") for run in ("whole", "cut"))
+    assert_equal_tensors(whole, cut)
