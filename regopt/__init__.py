@@ -9,7 +9,8 @@ SGD", ICLR 2023.
 
 from .closures import BatchClosure
 from .grafting import Grafted, GradNormRecorder
-from .optimizers import FisherTrace, GradNorm, JacobianReg, MicroBatch
+from .optimizers import MicroBatch
+from .penalized import FisherTrace, GradNorm, JacobianReg
 from .sgd import FisherTraceSGD, GradNormSGD, GraftedSGD, JacobianRegSGD, MicroBatchSGD
 from .stats import StepStats
 

@@ -31,7 +31,8 @@ from typing import Any
 import torch
 
 from .grafting import Grafted
-from .optimizers import FisherTrace, GradNorm, JacobianReg, MicroBatch
+from .optimizers import MicroBatch
+from .penalized import FisherTrace, GradNorm, JacobianReg
 from .sgd import FisherTraceSGD, GradNormSGD, GraftedSGD, JacobianRegSGD, MicroBatchSGD
 
 # The options of the penalized methods beyond MicroBatchSGD's.

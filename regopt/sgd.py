@@ -15,8 +15,8 @@ from torch.optim.optimizer import ParamsT
 
 from .batching import check_micro_batch_size
 from .grafting import Grafted, Norms, check_grafting_options
-from .optimizers import (_BASE_ARGS, FisherTrace, GradNorm, JacobianReg, MicroBatch, check_kind,
-                         check_optimizer_options, check_penalty_options)
+from .optimizers import _BASE_ARGS, MicroBatch, check_optimizer_options
+from .penalized import FisherTrace, GradNorm, JacobianReg, check_kind, check_penalty_options
 from .settings import check_hyperparameter
 
 _SGD_ARGS = """\
