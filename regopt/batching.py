@@ -52,10 +52,12 @@ class MicroBatch:
 
 @dataclass(frozen=True)
 class ClosureOutput:
-    """What loss_fn returned: the mean loss over the micro-batch, and its logits [n, …, C] if given."""
+    """What loss_fn returned: the mean loss over the micro-batch, its logits [n, …, C] if given, and which of
+    their positions the penalties keep (a bool [n, …]; None: all)."""
 
     loss: Tensor
     logits: Tensor | None
+    mask: Tensor | None = None
 
 
 def as_integer(value: Any) -> int | None:
@@ -177,16 +179,19 @@ def call_closure(closure: Callable[..., Any], micro: MicroBatch, count: int,
 
 
 def _checked_output(result: Any, micro: MicroBatch, where: str) -> ClosureOutput:
-    """``loss`` or ``(loss, logits)`` as returned on ``micro`` (``where``), checked: a 0-dim loss that requires
-    grad, logits of shape [|M_j|, …, C]."""
-    logits = None
+    """``loss``, ``(loss, logits)`` or ``(loss, logits, mask)`` as returned on ``micro`` (``where``), checked: a
+    0-dim loss that requires grad, logits of shape [|M_j|, …, C], a bool mask of shape [|M_j|, …] (or None)."""
+    logits = mask = None
     if isinstance(result, tuple):
-        if len(result) != 2:
+        if len(result) not in (2, 3):
             raise TypeError(
-                f"loss_fn returned a tuple of length {len(result)} on {where}: expected a loss or (loss, logits)"
+                f"loss_fn returned a tuple of length {len(result)} on {where}: expected a loss, (loss, logits) "
+                "or (loss, logits, mask)"
             )
-        result, logits = result
+        result, logits, mask = (*result, None)[:3]
         _check_logits(logits, micro, where)
+        if mask is not None:
+            _check_mask(mask, logits, where)
     if not isinstance(result, Tensor):
         raise TypeError(
             f"loss_fn returned {type(result).__name__} on {where}: expected a 0-dim loss Tensor or (loss, logits)"
@@ -200,7 +205,7 @@ def _checked_output(result: Any, micro: MicroBatch, where: str) -> ClosureOutput
             f"loss_fn returned a loss that does not require grad on {where}: "
             "compute it from the parameters, outside torch.no_grad()"
         )
-    return ClosureOutput(result, logits)
+    return ClosureOutput(result, logits, mask)
 
 
 def _check_logits(logits: Any, micro: MicroBatch, where: str) -> None:
@@ -210,4 +215,18 @@ def _check_logits(logits: Any, micro: MicroBatch, where: str) -> None:
         raise TypeError(
             f"loss_fn returned logits of shape {shape} on {where}: expected a Tensor of shape [{micro.size}, C], "
             f"or [{micro.size}, …, C] with one example per position (e.g. [{micro.size}, T, C] for tokens)"
+        )
+
+
+def _check_mask(mask: Any, logits: Tensor, where: str) -> None:
+    """A bool mask of logits' shape without the class dimension, on logits' device."""
+    expected = tuple(logits.shape[:-1])
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != expected \
+            or mask.device != logits.device:
+        found = (f"a {mask.dtype} Tensor of shape {tuple(mask.shape)} on {mask.device}" if isinstance(mask, Tensor)
+                 else type(mask).__name__)
+        raise TypeError(
+            f"loss_fn returned a mask that is {found} on {where}: expected a torch.bool Tensor of shape {expected} "
+            f"on {logits.device} (logits' shape without the class dimension; True keeps a position), e.g. "
+            "`labels != -100`"
         )

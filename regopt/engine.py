@@ -176,11 +176,12 @@ def _penalized_gradients(setup: StepSetup, micro: MicroBatch, out: ClosureOutput
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             set_global_rng_state(rng_before, device)
             shifted = call_closure(setup.closure, micro, setup.count, setup.closure_autocast)
-            return hvp.gradient(penalty.scalar(shifted.loss, shifted.logits, draw), setup.params, setup.loss_scale)
+            scalar = penalty.scalar(shifted.loss, shifted.logits, draw, shifted.mask)
+            return hvp.gradient(scalar, setup.params, setup.loss_scale)
 
     differentiate = hvp.METHODS[setup.method]
-    return differentiate(out.loss, penalty.scalar(out.loss, out.logits, draw), setup.params, gradient_at_shift,
-                         setup.fd_eps, setup.loss_scale)
+    return differentiate(out.loss, penalty.scalar(out.loss, out.logits, draw, out.mask), setup.params,
+                         gradient_at_shift, setup.fd_eps, setup.loss_scale)
 
 
 def sample_penalty_subset(count: int, size: int, generator: torch.Generator | None) -> frozenset[int]:

@@ -71,7 +71,7 @@ def test_bad_closure_results():
     cases = [
         (lambda x: 1.0, TypeError, "returned float"),
         (lambda x: w * torch.ones(2), ValueError, r"loss of shape \(2,\)"),
-        (lambda x: (w, w, w), TypeError, "tuple of length 3"),
+        (lambda x: (w, w, w, w), TypeError, "tuple of length 4"),
         (lambda x: (w, torch.zeros(3, 4)), TypeError, r"logits of shape \(3, 4\)"),
         (lambda x: (w, torch.zeros(2)), TypeError, r"logits of shape \(2,\)"),
         (lambda x: torch.tensor(1.0), ValueError, "does not require grad"),

@@ -171,9 +171,75 @@ OPTIMIZERS = {
 
 
 @pytest.mark.parametrize("regularizer", TOKEN_REGULARIZERS)
-@pytest.mark.parametrize("masked", [False])
+@pytest.mark.parametrize("masked", [False, True])
 def test_token_level_steps_equal_the_reference(regularizer, masked):
     _steps_equal_reference(OPTIMIZERS[regularizer], regularizer, lambda m: _causal_loss_fn(m, masked), _lm_batch(), 2)
+
+
+def test_token_level_fisher_trace_with_finite_differences_equals_the_exact_one_closely():
+    # The finite-difference path re-evaluates S_j at a shifted θ with the same draw and mask.
+    batch = _lm_batch()
+    exact, fd = TinyLM(), TinyLM()
+    opts = [regopt.FisherTraceSGD(m.parameters(), lr=0.1, micro_batch_size=3, penalty=0.5, method=method,
+                                  fd_eps=1e-5, generator=torch.Generator().manual_seed(0))
+            for m, method in ((exact, "exact"), (fd, "finite_difference"))]
+    for model, opt in zip((exact, fd), opts):
+        opt.step(_causal_loss_fn(model, masked=True), batch)
+    for a, b in zip(exact.parameters(), fd.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_mask_changes_the_penalty_and_all_kept_equals_no_mask():
+    batch = _lm_batch()
+    penalties_seen = {}
+    for name, mask_of in {"none": None, "all": lambda t: torch.ones_like(t, dtype=torch.bool),
+                          "labels": lambda t: t != -100}.items():
+        model = TinyLM()
+
+        def loss_fn(tokens, labels, model=model, mask_of=mask_of):
+            logits, targets = model(tokens)[:, :-1], labels[:, 1:]
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+            return (loss, logits) if mask_of is None else (loss, logits, mask_of(targets))
+        opt = regopt.FisherTraceSGD(model.parameters(), lr=0.1, micro_batch_size=2, penalty=0.5,
+                                    generator=torch.Generator().manual_seed(0))
+        opt.step(loss_fn, batch)
+        penalties_seen[name] = opt.stats.penalty.item()
+    assert penalties_seen["all"] == pytest.approx(penalties_seen["none"], rel=1e-12)
+    assert penalties_seen["labels"] != penalties_seen["none"]
+
+
+@pytest.mark.parametrize("regularizer", TOKEN_REGULARIZERS)
+def test_micro_batch_without_kept_positions_counts_its_loss_and_no_penalty(regularizer):
+    tokens, labels = _lm_batch(size=4, padded=False)
+    labels[:2] = -100  # the first micro-batch has no kept position
+
+    def loss_fn(model):
+        def per_token_sum(tokens, labels):  # finite without kept positions, unlike a mean over them
+            logits, targets = model(tokens)[:, :-1], labels[:, 1:]
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum",
+                                   ignore_index=-100)
+            return loss / targets.numel() + 0.1 * logits.pow(2).mean(), logits, targets != -100
+        return per_token_sum
+    stats = _steps_equal_reference(OPTIMIZERS[regularizer], regularizer, loss_fn, (tokens, labels), 2)
+    assert stats.penalties[0] == 0.0 and stats.penalties[1] > 0 and stats.losses[0] > 0
+
+
+@pytest.mark.parametrize("bad_mask,match", [
+    (lambda t: (t != -100).long(), r"torch\.int64 Tensor of shape \(2, 4\)"),
+    (lambda t: t[:, 1:] != -100, r"shape \(2, 3\) .*expected a torch\.bool Tensor of shape \(2, 4\)"),
+    (lambda t: [True] * 4, "list"),
+])
+def test_malformed_masks_are_refused_naming_the_expected_one(bad_mask, match):
+    tokens, labels = _lm_batch(size=2)
+    w = torch.ones((), dtype=torch.float64, requires_grad=True)
+    micro = split_batch((tokens, labels), 2)[0]
+
+    def loss_fn(tokens, labels):
+        logits = w * torch.zeros(2, 4, 7, dtype=torch.float64)
+        return logits.sum(), logits, bad_mask(labels[:, 1:])
+    with pytest.raises(TypeError, match=match) as info:
+        call_closure(loss_fn, micro, 1)
+    assert "micro-batch 0 of 1 (examples 0:2)" in str(info.value)
 
 
 @pytest.mark.parametrize("logits_shape", [(2, 0, 4), (2, 3, 0), (3, 4, 5)])
@@ -183,3 +249,12 @@ def test_logits_with_an_empty_dimension_or_the_wrong_leading_size_are_refused(lo
     with pytest.raises(TypeError, match=r"logits of shape .*\[2, …, C\]"):
         call_closure(lambda x: (w * 1.0, torch.zeros(logits_shape)), micro, 1)
 
+
+def test_closure_output_carries_the_mask_and_token_logits_unchanged():
+    w = torch.ones((), requires_grad=True)
+    micro = split_batch(torch.zeros(2, 3), 2)[0]
+    logits, mask = torch.zeros(2, 3, 4), torch.ones(2, 3, dtype=torch.bool)
+    out = call_closure(lambda x: (w * 1.0, logits, mask), micro, 1)
+    assert out.logits is logits and out.mask is mask
+    assert call_closure(lambda x: (w * 1.0, logits, None), micro, 1).mask is None
+    assert call_closure(lambda x: (w * 1.0, logits), micro, 1).mask is None
