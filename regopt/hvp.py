@@ -120,6 +120,28 @@ def _times(tensor: Tensor, factor: float) -> Tensor:
     return tensor if factor == 1.0 else tensor * factor
 
 
+_CUT_NODES = ("Error", "DelayedError")  # the nodes a @once_differentiable backward leaves where it cut the graph
+ONCE_DIFFERENTIABLE = (
+    "derivative for once_differentiable_function is not implemented: a custom torch.autograd.Function with a "
+    "@once_differentiable backward cuts the graph of ∇_θ S_j, and double backprop would leave out every term "
+    "through it"
+)
+
+
+def graph_is_cut(tensors: Sequence[Tensor]) -> bool:
+    """Whether the autograd graph of ``tensors`` holds a once_differentiable cut (a walk, no computation)."""
+    pending, seen = [t.grad_fn for t in tensors if t is not None], set()
+    while pending:
+        node = pending.pop()
+        if node is None or node in seen:
+            continue
+        if type(node).__name__ in _CUT_NODES:
+            return True
+        seen.add(node)
+        pending.extend(next_node for next_node, _ in node.next_functions)
+    return False
+
+
 def squared_norm(tensors: Sequence[Tensor]) -> Tensor:
     """Σ_i ‖t_i‖² as one fused reduction (differentiable)."""
     return torch.stack(torch._foreach_norm(tensors)).square().sum()
@@ -207,6 +229,8 @@ def exact(loss: Tensor, scalar: Tensor, params: Sequence[Tensor], gradient_at_sh
     """
     try:
         return _exact(loss, scalar, params, loss_scale)
+    except NoDoubleBackwardError:
+        raise
     except RuntimeError as error:
         if not any(text in str(error) for text in _NO_DOUBLE_BACKWARD):
             raise
@@ -216,6 +240,8 @@ def exact(loss: Tensor, scalar: Tensor, params: Sequence[Tensor], gradient_at_sh
 def _exact(loss: Tensor, scalar: Tensor, params: Sequence[Tensor], loss_scale: float) -> MicroGradients:
     shares_graph = scalar is loss
     scaled_v, used = _grad(_times(scalar, loss_scale), params, create_graph=True)
+    if graph_is_cut(scaled_v):  # autograd would differentiate around the cut without a word
+        raise NoDoubleBackwardError(ONCE_DIFFERENTIABLE)
     penalty = _times(squared_norm(scaled_v), loss_scale**-2)
     # For GN, v_j is g_j itself; otherwise g_j needs its own first-order pass.
     if shares_graph:  # (out of place: scaled_v is still needed by the double backward)

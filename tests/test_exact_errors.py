@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import regopt
+from regopt import hvp
 from support import assert_same_state, cnn, data_for, snapshot
 
 
@@ -98,3 +99,37 @@ def test_non_reentrant_checkpointing_updates_the_block():
              (torch.randn(4, 3, dtype=torch.float64), torch.randint(0, 4, (4,))))
     assert all(not torch.equal(a, b) for a, b in zip(before, block.parameters()))
 
+
+
+class _SquareOnce(torch.autograd.Function):
+    """x², with a backward that autograd cannot differentiate again (a cut in the graph of ∇_θ S_j)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return 2 * x * grad
+
+
+def test_a_once_differentiable_function_is_refused_not_differentiated_around():
+    """Double backprop through a @once_differentiable backward silently drops its terms: the step refuses it."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2)).double()
+    x, y = torch.randn(6, 3, dtype=torch.float64), torch.randint(0, 2, (6,))
+
+    def loss_fn(x, y):
+        return torch.nn.functional.cross_entropy(model[1](_SquareOnce.apply(model[0](x))), y)
+
+    exact = regopt.GradNormSGD(model.parameters(), lr=0.1, micro_batch_size=3, penalty=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(hvp.NoDoubleBackwardError, match="once_differentiable.*finite_difference"):
+        exact.step(loss_fn, (x, y))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters())) and exact.step_count == 0
+    fd = regopt.GradNormSGD(model.parameters(), lr=0.1, micro_batch_size=3, penalty=0.1, method="finite_difference")
+    fd.step(loss_fn, (x, y))
+    assert fd.step_count == 1

@@ -19,25 +19,11 @@ from .. import hvp
 
 # PyTorch's words for a missing double backward (hvp's, and a once_differentiable backward run twice).
 NO_DOUBLE_BACKWARD_WORDS = (*hvp._NO_DOUBLE_BACKWARD, "once_differentiable", "differentiate twice")
-_CUT_NODES = ("Error", "DelayedError")  # the node once_differentiable leaves where the graph was cut
+graph_is_cut = hvp.graph_is_cut  # the exact path's own check, also run by the doctor on each module
 
 
 def lacks_double_backward(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and any(word in str(error) for word in NO_DOUBLE_BACKWARD_WORDS)
-
-
-def graph_is_cut(tensors: Sequence[Tensor]) -> bool:
-    """Whether the autograd graph of ``tensors`` holds a once_differentiable cut (a walk, no computation)."""
-    pending, seen = [t.grad_fn for t in tensors if t is not None], set()
-    while pending:
-        node = pending.pop()
-        if node is None or node in seen:
-            continue
-        if type(node).__name__ in _CUT_NODES:
-            return True
-        seen.add(node)
-        pending.extend(next_node for next_node, _ in node.next_functions)
-    return False
 
 
 def _floating(values: Any) -> list[Tensor]:
