@@ -1,6 +1,7 @@
 """regopt.doctor on tiny models: its verdicts (exact path, equality with the naive loop, finite-difference
 faithfulness, step costs, the drop-in contract), a model that breaks the exact path (a missing double backward,
-a once_differentiable cut), a timm ViT with fused attention, a part that overruns, and the command line's three report files."""
+a once_differentiable cut), a timm ViT with fused attention, a part that overruns, and the command line's three
+report files."""
 
 from __future__ import annotations
 
@@ -11,11 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 from regopt import doctor
 from regopt.doctor.__main__ import main
-from test_exact_errors import _Gate  # x · hardsigmoid(W x): hardsigmoid has no double backward
+from test_exact_errors import _Gate, _SquareOnce  # hardsigmoid: no double backward; x²: once_differentiable
 
 
 def loss_fn(model, x, y):
@@ -61,22 +61,9 @@ def test_a_small_cnn_gets_every_verdict(tmp_path):
     assert (tmp_path / "report.txt").read_text().strip() == report.text()
 
 
-class _Square(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return x * x
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        return 2 * x * grad
-
-
 class Square(nn.Module):
     def forward(self, x):
-        return _Square.apply(x)
+        return _SquareOnce.apply(x)
 
 
 @pytest.mark.parametrize("middle, named, silent", [(_Gate, "1.scale_activation (Hardsigmoid)", False),
