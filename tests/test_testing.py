@@ -87,7 +87,8 @@ def test_a_silently_different_penalty_fails():
     def make(params):
         optimizer = gn(params)
         # the penalty's S_j is 1.01 L_j, still named grad_norm: R_j is off by 2 %
-        optimizer._penalty = dataclasses.replace(penalties.GRAD_NORM, scalar=lambda loss, logits, draw: 1.01 * loss)
+        optimizer._penalty = dataclasses.replace(penalties.GRAD_NORM,
+                                                 scalar=lambda loss, logits, draw, mask=None: 1.01 * loss)
         return optimizer
 
     comparison = compare_with_reference(make, model, loss_fn, data_for(model, 9), steps=1)
